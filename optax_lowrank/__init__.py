@@ -1,0 +1,25 @@
+"""optax-lowrank: low-rank gradient projection optimizers for Optax."""
+
+from optax_lowrank import combine
+from optax_lowrank import memory
+from optax_lowrank import projectors
+from optax_lowrank import schedules
+from optax_lowrank.aliases import galore
+from optax_lowrank.core import LeafBasis, LowRankState, lowrank_project
+from optax_lowrank.projectors import Projector
+from optax_lowrank.shapes import DimensionNumbers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DimensionNumbers",
+    "LeafBasis",
+    "LowRankState",
+    "Projector",
+    "combine",
+    "galore",
+    "lowrank_project",
+    "memory",
+    "projectors",
+    "schedules",
+]

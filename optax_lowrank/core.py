@@ -1,0 +1,294 @@
+"""``lowrank_project``: run any optax transform in a low-rank gradient subspace.
+
+Design: one ``inner`` state over the whole tree. The inner transform sees a
+tree shaped like the parameters in which every projected leaf is replaced by
+its projected gradient ``R``. This keeps tree-global inner transforms
+meaningful (``clip_by_global_norm`` clips the norm of everything the inner
+optimizer sees; one shared step count drives bias correction) and makes
+``lowrank_project(inner)`` with nothing projected exactly ``inner``. Per-leaf
+refresh policies (``reset``, ``rotate``) reach one leaf's moments with
+``optax.tree.map_params``; leaves may refresh at different steps (``stagger``).
+
+Each projected leaf decides its refresh with one ``lax.cond`` over the whole
+stack of its matrices (batch axes are handled inside the branch by batched
+linear algebra, never by a ``vmap`` around the ``cond``), so the subspace
+computation runs on refresh steps only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_lowrank import combine as combine_lib
+from optax_lowrank import moments
+from optax_lowrank import schedules
+from optax_lowrank import shapes
+from optax_lowrank.projectors import Projector, svd
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LeafBasis:
+  """The basis state of one projected leaf, with its static description.
+
+  Attributes:
+    basis: The projector's basis pytree (arrays).
+    rank: Rank of the subspace (static).
+    matrix_shape: ``(batch..., m, n)`` of the leaf's matrix view (static).
+  """
+
+  basis: Any
+  rank: int = dataclasses.field(metadata=dict(static=True))
+  matrix_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+
+class LowRankState(NamedTuple):
+  """State of ``lowrank_project``.
+
+  Attributes:
+    count: Number of updates taken (int32, saturating).
+    bases: A tree like the parameters: ``LeafBasis`` for projected leaves,
+      ``optax.MaskedNode`` for the others.
+    inner_state: The inner transform's state over the projected tree.
+  """
+
+  count: jax.Array
+  bases: Any
+  inner_state: optax.OptState
+
+
+def _validate_scale(scale):
+  if isinstance(scale, (int, float)) and not scale > 0:
+    raise ValueError(f"`scale` must be positive, got {scale!r}")
+
+
+def _validate_rank(rank):
+  if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+    raise ValueError(
+        f"`rank` must be a positive int or a float fraction in (0, 1], got "
+        f"{rank!r}"
+    )
+  if isinstance(rank, int) and rank < 1:
+    raise ValueError(f"`rank` must be a positive int, got {rank}")
+  if isinstance(rank, float) and not 0.0 < rank <= 1.0:
+    raise ValueError(
+        f"`rank` given as a float is a fraction and must be in (0, 1], got "
+        f"{rank}"
+    )
+
+
+def lowrank_project(
+    inner: optax.GradientTransformation,
+    rank: Union[int, float],
+    *,
+    update_proj_gap: int = 200,
+    scale: Union[float, jax.Array] = 1.0,
+    proj_type: str = "std",
+    projector: Union[str, Projector] = "svd",
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    on_refresh: str = "keep",
+    stagger: bool = False,
+    combine: combine_lib.CombineRule = combine_lib.back_project,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` so that it runs in a low-rank subspace of each gradient.
+
+  For every projected leaf, the gradient ``G`` (viewed as matrices
+  ``(batch..., m, n)``, see ``DimensionNumbers``) is projected to
+  ``R = down(basis, G)``; ``inner`` updates the tree of projected gradients;
+  its output ``N`` is combined back, by default ``U = scale · up(basis, N)``.
+  The basis is renewed from ``G`` at step 0 and every ``update_proj_gap``
+  steps. Leaves not projected (not selected by ``mask``, fewer than two axes,
+  or smaller side ``<= rank``) go through ``inner`` at full shape, so with
+  nothing projected this is exactly ``inner``.
+
+  ``inner`` may be any optax transform. If it reads ``params``, it receives the
+  parameters projected into each leaf's subspace (``down(basis, W)``) for
+  projected leaves; apply full-space weight decay outside this wrapper, as the
+  aliases do.
+
+  Args:
+    inner: The optimizer to run on projected gradients, e.g.
+      ``optax.scale_by_adam()``.
+    rank: Subspace rank: an int, or a float in (0, 1] as a fraction of each
+      leaf's smaller side.
+    update_proj_gap: Steps between subspace refreshes.
+    scale: Multiplier of the back-projected update (GaLore's ``alpha``); may be
+      an array (e.g. from ``optax.inject_hyperparams``).
+    proj_type: For ``projector="svd"``: ``std``, ``reverse_std``, ``left``,
+      ``right`` or ``full`` (galore-torch's meanings).
+    projector: ``"svd"`` or a ``Projector`` instance.
+    mask: Which leaves may be projected: a bool pytree like the parameters, or a
+      function of them returning one (like ``optax.masked``).
+    dimension_numbers: ``DimensionNumbers`` for leaves with more than two axes
+      (one for all, a pytree with ``None`` leaves, or a function of the
+      parameters). Axes they do not name are batch axes.
+    on_refresh: What happens to the inner moments of a refreshed leaf:
+      ``keep`` (galore-torch), ``reset`` or ``rotate`` (the first moment is
+      re-expressed in the new basis).
+    stagger: Spread the leaves' refreshes over the gap (see
+      ``schedules.every``).
+    combine: The combine rule, ``combine.back_project`` by default.
+    seed: Seed for projectors that draw random bases.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
+    >>> tx = optax.chain(
+    ...     optax_lowrank.lowrank_project(optax.scale_by_adam(), rank=8),
+    ...     optax.scale_by_learning_rate(1e-2))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024.
+  """
+  _validate_rank(rank)
+  _validate_scale(scale)
+  if on_refresh not in moments.ON_REFRESH:
+    raise ValueError(
+        f"`on_refresh` must be one of {moments.ON_REFRESH}, got {on_refresh!r}"
+    )
+  if isinstance(projector, str):
+    if projector != "svd":
+      raise ValueError(
+          f"`projector` must be 'svd' or a Projector instance, got "
+          f"{projector!r}"
+      )
+    projector = svd(proj_type)
+  elif not isinstance(projector, Projector):
+    raise ValueError(
+        f"`projector` must be 'svd' or a Projector instance, got {projector!r}"
+    )
+  refresh_schedule = schedules.every(update_proj_gap, stagger=stagger)
+  inner = optax.with_extra_args_support(inner)
+
+  def plan(tree):
+    return shapes.plan_leaves(
+        tree, rank=rank, mask=mask, dimension_numbers=dimension_numbers
+    )
+
+  def init_fn(params):
+    plans, treedef = plan(params)
+    bases, proxies = [], []
+    for leaf, p in zip(treedef.flatten_up_to(params), plans):
+      if p is None:
+        bases.append(optax.MaskedNode())
+        proxies.append(leaf)
+        continue
+      g = p.layout.matricize(jnp.zeros_like(leaf))
+      info = shapes.MatrixInfo(
+          p.layout.batch_shape, p.layout.m, p.layout.n, p.rank,
+          shapes.explicit_spec(g),
+      )
+      basis = projector.init(info, leaf.dtype)
+      bases.append(LeafBasis(basis, p.rank, g.shape))
+      proxies.append(projector.down(basis, g))
+    return LowRankState(
+        count=jnp.zeros([], jnp.int32),
+        bases=treedef.unflatten(bases),
+        inner_state=inner.init(treedef.unflatten(proxies)),
+    )
+
+  def refresh_leaf(g, basis, key, step):
+    new = projector.refresh(g.astype(jnp.float32), basis, key, step)
+    finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
+
+    def keep_if_not_finite(new_leaf, old_leaf):
+      ok = finite.reshape(finite.shape + (1,) * (old_leaf.ndim - finite.ndim))
+      new_leaf = shapes.reshard_like(new_leaf.astype(old_leaf.dtype), old_leaf)
+      return jnp.where(ok, new_leaf, old_leaf)
+
+    return jax.tree.map(keep_if_not_finite, new, basis)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    plans, treedef = plan(updates)
+    num_projected = sum(p is not None for p in plans)
+    grads = treedef.flatten_up_to(updates)
+    old_bases = treedef.flatten_up_to(state.bases)
+    params_leaves = (
+        [None] * len(grads) if params is None
+        else treedef.flatten_up_to(params)
+    )
+    step = state.count
+    base_key = jax.random.fold_in(jax.random.key(seed), step)
+
+    matrices, new_bases, reduced, inner_params = [], [], [], []
+    refreshed, rotations = [], []
+    for g, old, w, p in zip(grads, old_bases, params_leaves, plans):
+      if p is None:
+        matrices.append(None)
+        new_bases.append(old)
+        reduced.append(g)
+        inner_params.append(w)
+        refreshed.append(None)
+        rotations.append(None)
+        continue
+      g2 = p.layout.matricize(g)
+      do_refresh = refresh_schedule(step, p.index, num_projected)
+      key = jax.random.fold_in(base_key, p.index)
+      basis = jax.lax.cond(
+          do_refresh,
+          refresh_leaf,
+          lambda g, b, k, s: b,
+          g2, old.basis, key, step,
+      )
+      matrices.append(g2)
+      new_bases.append(dataclasses.replace(old, basis=basis))
+      reduced.append(projector.down(basis, g2))
+      inner_params.append(
+          None if w is None else projector.down(basis, p.layout.matricize(w))
+      )
+      refreshed.append(do_refresh)
+      rotations.append(
+          lambda m, old=old.basis, new=basis: projector.down(
+              new, projector.up(old, m)
+          ).astype(m.dtype)
+      )
+
+    reduced_tree = treedef.unflatten(reduced)
+    inner_state = moments.apply_on_refresh(
+        on_refresh,
+        inner=inner,
+        inner_state=state.inner_state,
+        treedef=treedef,
+        refreshed=refreshed,
+        rotate=rotations,
+        fresh_state_fn=lambda: inner.init(reduced_tree),
+    )
+    inner_updates, inner_state = inner.update(
+        reduced_tree,
+        inner_state,
+        None if params is None else treedef.unflatten(inner_params),
+        **extra_args,
+    )
+
+    out = []
+    for g, g2, r, n, b, p in zip(
+        grads, matrices, reduced, treedef.flatten_up_to(inner_updates),
+        new_bases, plans,
+    ):
+      if p is None:
+        out.append(n)
+        continue
+      u = combine(projector, b.basis, g2, r, n, scale)
+      out.append(p.layout.unmatricize(u).astype(g.dtype))
+
+    new_state = LowRankState(
+        count=optax.safe_int32_increment(step),
+        bases=treedef.unflatten(new_bases),
+        inner_state=inner_state,
+    )
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,95 @@
+"""What happens to the inner optimizer's moments when a leaf's subspace changes.
+
+The inner optimizer keeps one state over the whole tree of projected gradients,
+so a policy reaches one leaf's moments through ``optax.tree.map_params``: each
+parameter-shaped state leaf is matched to the parameter it belongs to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ON_REFRESH = ("keep", "reset", "rotate")
+# Field names optax uses for first moments (scale_by_adam, lion, trace, ...).
+FIRST_MOMENT_FIELDS = ("mu", "trace", "momentum")
+
+
+def _param_index_per_state_leaf(inner, inner_state, treedef) -> list[int]:
+  """For each leaf of ``inner_state``, the index of its parameter, or -1."""
+  index_tree = treedef.unflatten(range(treedef.num_leaves))
+  try:
+    marks = optax.tree.map_params(
+        inner,
+        lambda _, i: i,
+        inner_state,
+        index_tree,
+        transform_non_params=lambda _: -1,
+    )
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        "`on_refresh` 'reset' and 'rotate' need an inner transform whose init "
+        "accepts optax's parameter placeholder (optax.tree.map_params); this "
+        f"one failed with: {e!r}. Use on_refresh='keep'."
+    ) from e
+  return jax.tree.leaves(marks)
+
+
+def _is_first_moment(path) -> bool:
+  return any(
+      isinstance(k, jax.tree_util.GetAttrKey) and k.name in FIRST_MOMENT_FIELDS
+      for k in path
+  )
+
+
+def apply_on_refresh(
+    policy: str,
+    *,
+    inner: optax.GradientTransformation,
+    inner_state: Any,
+    treedef,
+    refreshed: Sequence[Optional[jax.Array]],
+    rotate: Sequence[Optional[Any]],
+    fresh_state_fn,
+) -> Any:
+  """Applies ``policy`` to the moments of the leaves that were refreshed.
+
+  Args:
+    policy: ``keep`` (galore-torch: moments carry over unchanged), ``reset``
+      (the leaf's parameter-shaped state is re-initialized; shared counters are
+      kept) or ``rotate`` (first moments are mapped through the change of basis,
+      ``M ← down(new, up(old, M))``; second moments are kept).
+    inner: The inner transform.
+    inner_state: Its state, before the current gradient is added.
+    treedef: Tree definition of the parameters.
+    refreshed: Per parameter leaf, a bool scalar (refreshed this step) or
+      ``None`` for leaves that are not projected.
+    rotate: Per parameter leaf, ``None`` or a function mapping a first moment
+      from the old basis to the new one.
+    fresh_state_fn: Returns a freshly initialized inner state (for ``reset``).
+
+  Returns:
+    The inner state with the policy applied.
+  """
+  if policy == "keep":
+    return inner_state
+  marks = _param_index_per_state_leaf(inner, inner_state, treedef)
+  paths_leaves, state_def = jax.tree.flatten_with_path(inner_state)
+  if policy == "reset":
+    fresh_leaves = jax.tree.leaves(fresh_state_fn())
+    new_leaves = [
+        old if i < 0 or refreshed[i] is None
+        else jnp.where(refreshed[i], new, old)
+        for (_, old), new, i in zip(paths_leaves, fresh_leaves, marks)
+    ]
+  else:
+    new_leaves = [
+        old if i < 0 or rotate[i] is None or not _is_first_moment(path)
+        else jax.lax.cond(refreshed[i], rotate[i], lambda x: x, old)
+        for (path, old), i in zip(paths_leaves, marks)
+    ]
+  return state_def.unflatten(new_leaves)

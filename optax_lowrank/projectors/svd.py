@@ -1,0 +1,149 @@
+"""Exact truncated-SVD subspaces (GaLore) with galore-torch's projection types."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from optax_lowrank import shapes
+from optax_lowrank.projectors.base import Projector
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+class RightBasis(NamedTuple):
+  """Top-``r`` right singular vectors ``Vh[:r]``, ``(batch..., r, n)``."""
+
+  vh: jax.Array
+
+
+class LeftBasis(NamedTuple):
+  """Top-``r`` left singular vectors ``U[:, :r]``, ``(batch..., m, r)``."""
+
+  u: jax.Array
+
+
+class TwoSidedBasis(NamedTuple):
+  """Both sides, for ``proj_type="full"``."""
+
+  u: jax.Array
+  vh: jax.Array
+
+
+def _side(proj_type: str, m: int, n: int) -> str:
+  """galore-torch's rule for which side a ``proj_type`` projects."""
+  if proj_type == "std":
+    return "right" if m >= n else "left"
+  if proj_type == "reverse_std":
+    return "left" if m >= n else "right"
+  return proj_type
+
+
+def _canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Flips singular pairs so each left vector's largest entry is positive.
+
+  SVD signs are arbitrary and differ between LAPACK, cuSOLVER and precisions;
+  fixing them makes a refresh (and moments kept across it) reproducible.
+  """
+  idx = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)
+  sign = jnp.sign(jnp.take_along_axis(u, idx, axis=-2))
+  sign = jnp.where(sign == 0, 1.0, sign)
+  return u * sign, vh * jnp.swapaxes(sign, -1, -2)
+
+
+def _down_right(vh, g):
+  spec = shapes.explicit_spec(g)
+  out = None if spec is None else (*spec[:-1], None)
+  return jnp.einsum(
+      "...mn,...rn->...mr", g, vh.astype(g.dtype),
+      out_sharding=shapes.out_sharding(out),
+  )
+
+
+def _down_left(u, g):
+  spec = shapes.explicit_spec(g)
+  out = None if spec is None else (*spec[:-2], None, spec[-1])
+  return jnp.einsum(
+      "...mr,...mn->...rn", u.astype(g.dtype), g,
+      out_sharding=shapes.out_sharding(out),
+  )
+
+
+def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> Projector:
+  """Exact truncated SVD of the gradient, computed in float32.
+
+  ``proj_type`` follows galore-torch (matrices oriented ``(output, reduction)``
+  as ``nn.Linear.weight``): ``std`` keeps the right singular vectors when
+  ``m >= n`` (``R = G Vᵣᵀ``, ``m × r``) and the left ones otherwise
+  (``R = Uᵣᵀ G``, ``r × n``), so the larger side stays; ``reverse_std`` does
+  the opposite; ``right`` and ``left`` always take that side; ``full``
+  projects both (``R = Uᵣᵀ G Vᵣᵀ``, ``r × r``). Singular vector signs are made
+  deterministic (largest entry of each left vector positive).
+
+  Args:
+    proj_type: One of ``std``, ``reverse_std``, ``left``, ``right``, ``full``.
+    basis_dtype: Storage dtype of the basis; ``None`` stores it in the
+      parameter's dtype, as galore-torch does.
+
+  Returns:
+    A ``Projector``.
+
+  Example:
+    >>> import optax, optax_lowrank
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax.scale_by_adam(), rank=4,
+    ...     projector=optax_lowrank.projectors.svd("full"))
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024.
+  """
+  if proj_type not in PROJ_TYPES:
+    raise ValueError(
+        f"`proj_type` must be one of {PROJ_TYPES}, got {proj_type!r}"
+    )
+
+  def init(info, dtype):
+    dtype = basis_dtype or dtype
+    side = _side(proj_type, info.m, info.n)
+    if side == "right":
+      return RightBasis(info.zeros("rn", dtype))
+    if side == "left":
+      return LeftBasis(info.zeros("mr", dtype))
+    return TwoSidedBasis(info.zeros("mr", dtype), info.zeros("rn", dtype))
+
+  def refresh(g, basis, key, step):
+    del key, step
+    g = shapes.gather_matrices(g.astype(jnp.float32))
+    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+    u, vh = _canonical_signs(u, vh)
+    if isinstance(basis, RightBasis):
+      r = basis.vh.shape[-2]
+      return RightBasis(vh[..., :r, :].astype(basis.vh.dtype))
+    if isinstance(basis, LeftBasis):
+      r = basis.u.shape[-1]
+      return LeftBasis(u[..., :, :r].astype(basis.u.dtype))
+    r = basis.u.shape[-1]
+    return TwoSidedBasis(
+        u[..., :, :r].astype(basis.u.dtype),
+        vh[..., :r, :].astype(basis.vh.dtype),
+    )
+
+  def down(basis, g):
+    if isinstance(basis, RightBasis):
+      return _down_right(basis.vh, g)
+    if isinstance(basis, LeftBasis):
+      return _down_left(basis.u, g)
+    return _down_right(basis.vh, _down_left(basis.u, g))
+
+  def up(basis, r):
+    if isinstance(basis, RightBasis):
+      return jnp.einsum("...mr,...rn->...mn", r, basis.vh.astype(r.dtype))
+    if isinstance(basis, LeftBasis):
+      return jnp.einsum("...mr,...rn->...mn", basis.u.astype(r.dtype), r)
+    ur = jnp.einsum("...mr,...rk->...mk", basis.u.astype(r.dtype), r)
+    return jnp.einsum("...mk,...kn->...mn", ur, basis.vh.astype(r.dtype))
+
+  return Projector(init, refresh, down, up)

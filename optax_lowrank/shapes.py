@@ -1,0 +1,309 @@
+"""Matricization of parameter leaves and the choice of which leaves to project.
+
+A projected leaf is viewed as a stack of matrices ``(batch..., m, n)``: ``m`` is
+the product of the leaf's *output* axes and ``n`` the product of its
+*reduction* (input) axes; every axis named by neither is a batch axis, which is
+how stacked (scanned) layers get one basis per layer.
+
+The matrix is oriented ``(output, reduction)``, the layout of PyTorch's
+``nn.Linear.weight``, so the orientation rules of the reference implementations
+(e.g. GaLore's "``m >= n``: project on the right") select the same side here,
+including the tie ``m == n``. A Flax ``Dense`` kernel of shape ``(in, out)``
+therefore has ``reduction_axes=0, output_axes=1``, the default for 2-D leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+
+class DimensionNumbers(NamedTuple):
+  """Which axes of a leaf form the rows and columns of its matrices.
+
+  Attributes:
+    reduction_axes: Axis or axes contracted with the layer's input (the
+      ``in`` axes of a kernel); they form the matrix columns ``n``.
+    output_axes: Axis or axes of the layer's output; they form the rows ``m``.
+      Axes in neither are batch axes (for example the ``layers`` axis of
+      scanned weights): each batch slice gets a basis of its own.
+  """
+
+  reduction_axes: Union[int, Sequence[int]] = 0
+  output_axes: Union[int, Sequence[int]] = 1
+
+
+DimensionNumbersOrFn = Union[
+    None, DimensionNumbers, Any, Callable[[Any], Any]
+]
+MaskOrFn = Union[None, bool, Any, Callable[[Any], Any]]
+
+
+def _as_axes(axes: Union[int, Sequence[int]], ndim: int) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  return tuple(int(a) % ndim for a in axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixLayout:
+  """A static map between a leaf's shape and its ``(batch..., m, n)`` view."""
+
+  shape: tuple[int, ...]
+  batch_axes: tuple[int, ...]
+  output_axes: tuple[int, ...]
+  reduction_axes: tuple[int, ...]
+
+  @classmethod
+  def from_dimension_numbers(
+      cls, shape: tuple[int, ...], dims: DimensionNumbers, path: str
+  ) -> "MatrixLayout":
+    """Validates ``dims`` against ``shape``; errors name the leaf ``path``."""
+    ndim = len(shape)
+    if ndim < 2:
+      raise ValueError(
+          f"Leaf {path} of shape {shape} cannot be projected: it has fewer "
+          "than 2 axes. Exclude it with `mask` or give it no dimension numbers."
+      )
+    for axes in (dims.reduction_axes, dims.output_axes):
+      flat = (axes,) if isinstance(axes, int) else tuple(axes)
+      if not flat or any(not -ndim <= a < ndim for a in flat):
+        raise ValueError(
+            f"Dimension numbers {dims} for leaf {path} of shape {shape} name "
+            f"an axis outside [-{ndim}, {ndim}) or no axis at all."
+        )
+    red = _as_axes(dims.reduction_axes, ndim)
+    out = _as_axes(dims.output_axes, ndim)
+    if len(set(red + out)) != len(red) + len(out):
+      raise ValueError(
+          f"Dimension numbers {dims} for leaf {path}: reduction and output "
+          "axes must be distinct."
+      )
+    batch = tuple(a for a in range(ndim) if a not in red + out)
+    return cls(tuple(shape), batch, out, red)
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[a] for a in self.batch_axes)
+
+  @property
+  def m(self) -> int:
+    return math.prod(self.shape[a] for a in self.output_axes)
+
+  @property
+  def n(self) -> int:
+    return math.prod(self.shape[a] for a in self.reduction_axes)
+
+  @property
+  def _perm(self) -> tuple[int, ...]:
+    return self.batch_axes + self.output_axes + self.reduction_axes
+
+  def matricize(self, x: jax.Array) -> jax.Array:
+    """``x`` of ``shape`` → ``(batch..., m, n)``."""
+    return jnp.transpose(x, self._perm).reshape(
+        self.batch_shape + (self.m, self.n)
+    )
+
+  def unmatricize(self, y: jax.Array) -> jax.Array:
+    """``(batch..., m, n)`` → an array of ``shape``."""
+    perm = self._perm
+    y = y.reshape(tuple(self.shape[a] for a in perm))
+    inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+    return jnp.transpose(y, inverse)
+
+
+class MatrixInfo(NamedTuple):
+  """What a projector needs to build a basis for one leaf (static values).
+
+  Attributes:
+    batch_shape: Shape of the batch axes in front of the matrices.
+    m: Rows (product of output axes).
+    n: Columns (product of reduction axes).
+    rank: Rank of the subspace.
+    spec: Partition spec entries of the ``(batch..., m, n)`` view under an
+      explicit-sharding mesh, or ``None`` when nothing is sharded explicitly.
+  """
+
+  batch_shape: tuple[int, ...]
+  m: int
+  n: int
+  rank: int
+  spec: Optional[tuple[Any, ...]]
+
+  def zeros(self, dims: str, dtype) -> jax.Array:
+    """Zeros of shape ``batch_shape + dims``, sharded like the leaf.
+
+    Args:
+      dims: One letter per trailing axis: ``m`` and ``n`` take the leaf's
+        sizes and shardings, ``r`` is the rank (never sharded).
+      dtype: Array dtype.
+
+    Returns:
+      The zero array, carrying the leaf's sharding along the axes it shares.
+    """
+    sizes = {"m": self.m, "n": self.n, "r": self.rank}
+    shape = self.batch_shape + tuple(sizes[d] for d in dims)
+    if self.spec is None:
+      return jnp.zeros(shape, dtype)
+    nb = len(self.batch_shape)
+    specs = {"m": self.spec[nb], "n": self.spec[nb + 1], "r": None}
+    spec = P(*self.spec[:nb], *(specs[d] for d in dims))
+    return jnp.zeros(shape, dtype, out_sharding=spec)
+
+
+def explicit_spec(x) -> Optional[tuple[Any, ...]]:
+  """Partition spec of ``x`` if it is sharded under explicit mesh axes."""
+  try:
+    sharding = jax.typeof(x).sharding
+  except (TypeError, AttributeError):
+    return None
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not mesh.axis_names:
+    return None
+  if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  spec = tuple(sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def out_sharding(spec: Optional[Sequence[Any]]) -> Optional[P]:
+  """A spec tuple as an ``out_sharding`` argument (``None`` if unsharded)."""
+  return None if spec is None else P(*spec)
+
+
+def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """Reshards ``x`` to the explicit sharding of ``like`` (no-op otherwise)."""
+  spec = explicit_spec(like)
+  if spec is None or explicit_spec(x) == spec:
+    return x
+  return jax.sharding.reshard(x, P(*spec))
+
+
+def gather_matrices(x: jax.Array) -> jax.Array:
+  """Makes the two matrix axes of ``x`` unsharded, for SVD or QR.
+
+  Mesh axes taken off the matrix axes are moved onto the first unsharded batch
+  axis they divide, so that a stacked ``(layers, m, n)`` gradient is factorized
+  layer-parallel rather than on every device.
+
+  Args:
+    x: An array ``(batch..., m, n)``.
+
+  Returns:
+    ``x`` resharded so that its last two axes are replicated.
+  """
+  spec = explicit_spec(x)
+  if spec is None or (spec[-1] is None and spec[-2] is None):
+    return x
+  freed = tuple(
+      a for entry in spec[-2:] if entry is not None
+      for a in ((entry,) if isinstance(entry, str) else entry)
+  )
+  batch = list(spec[:-2])
+  mesh = jax.typeof(x).sharding.mesh
+  size = math.prod(mesh.shape[a] for a in freed)
+  for i, entry in enumerate(batch):
+    if entry is None and x.shape[i] % size == 0:
+      batch[i] = freed if len(freed) > 1 else freed[0]
+      break
+  return jax.sharding.reshard(x, P(*batch, None, None))
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """How one projected leaf is handled (static)."""
+
+  index: int  # position among the projected leaves, for staggering
+  layout: MatrixLayout
+  rank: int
+
+
+def resolve_rank(rank: Union[int, float], m: int, n: int) -> int:
+  """``rank`` as an int: a float in (0, 1] is a fraction of ``min(m, n)``."""
+  if isinstance(rank, float):
+    return max(1, int(round(rank * min(m, n))))
+  return int(rank)
+
+
+def _resolve_tree(spec_or_fn, tree, is_spec_leaf):
+  """A per-leaf option given once, as a tree, or as a function of ``tree``."""
+  if callable(spec_or_fn) and not isinstance(spec_or_fn, DimensionNumbers):
+    spec_or_fn = spec_or_fn(tree)
+  treedef = jax.tree.structure(tree)
+  if is_spec_leaf(spec_or_fn):
+    return [spec_or_fn] * treedef.num_leaves
+  try:
+    return treedef.flatten_up_to(spec_or_fn)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "A per-leaf option (`mask` or `dimension_numbers`) must be a single "
+        "value, a pytree with the parameters' structure, or a function of the "
+        f"parameters returning one; got a mismatched tree: {e}"
+    ) from None
+
+
+def plan_leaves(
+    params,
+    *,
+    rank: Union[int, float],
+    mask: MaskOrFn = None,
+    dimension_numbers: DimensionNumbersOrFn = None,
+) -> tuple[list[Optional[LeafPlan]], Any]:
+  """Decides, for each leaf of ``params``, whether and how it is projected.
+
+  A leaf is projected when ``mask`` selects it (all leaves if ``mask`` is
+  None), it has dimension numbers (2-D leaves default to
+  ``DimensionNumbers(0, 1)``; 0-D and 1-D leaves are never projected) and its
+  smaller matrix side exceeds the rank. A selected leaf of more than two axes
+  without dimension numbers is an error: it is never reshaped by guesswork.
+
+  Args:
+    params: A pytree of arrays or ``jax.ShapeDtypeStruct`` (only shapes read).
+    rank: Int rank, or a float fraction of each leaf's smaller side.
+    mask: ``None``, a bool, a pytree of bools like ``params``, or a function
+      of ``params`` returning one.
+    dimension_numbers: ``None``, one ``DimensionNumbers`` for all selected
+      leaves, a pytree of them (``None`` leaves skip), or a function of
+      ``params`` returning one.
+
+  Returns:
+    A list with a ``LeafPlan`` or ``None`` per leaf, and the tree definition.
+  """
+  leaves_with_path, treedef = jax.tree.flatten_with_path(params)
+  masks = _resolve_tree(
+      True if mask is None else mask, params, lambda x: isinstance(x, bool)
+  )
+  dims_list = _resolve_tree(
+      dimension_numbers,
+      params,
+      lambda x: x is None or isinstance(x, DimensionNumbers),
+  )
+  plans: list[Optional[LeafPlan]] = []
+  count = 0
+  for (path, leaf), selected, dims in zip(leaves_with_path, masks, dims_list):
+    shape = tuple(leaf.shape)
+    where = jax.tree_util.keystr(path) or "<root>"
+    if not selected or len(shape) < 2:
+      plans.append(None)
+      continue
+    if dims is None:
+      if len(shape) > 2:
+        raise ValueError(
+            f"Leaf {where} has shape {shape} (more than 2 axes) and no "
+            "dimension numbers: pass `dimension_numbers` for it (axes it does "
+            "not name become batch axes) or exclude it with `mask`."
+        )
+      dims = DimensionNumbers(0, 1)
+    layout = MatrixLayout.from_dimension_numbers(shape, dims, where)
+    r = resolve_rank(rank, layout.m, layout.n)
+    if min(layout.m, layout.n) <= r:
+      plans.append(None)
+      continue
+    plans.append(LeafPlan(count, layout, r))
+    count += 1
+  return plans, treedef
