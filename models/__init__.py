@@ -1,0 +1,7 @@
+"""Flax NNX LLaMA used by the trainer and the benchmarks (not part of the installed library)."""
+
+from models.config import LlamaConfig
+from models.llama import Llama
+from models.lowrank import lowrank_spec
+
+__all__ = ["LlamaConfig", "Llama", "lowrank_spec"]

@@ -1,0 +1,109 @@
+"""Model configuration: a frozen dataclass with the GaLore paper's LLaMA sizes as presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+# Byte-level vocabulary: 256 byte values followed by these special tokens.
+BYTE_SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")
+BYTE_VOCAB_SIZE = 256 + len(BYTE_SPECIALS)
+
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# name -> (d_model, d_ff, num_heads, num_layers); vocab 32000 and context 256 as in the
+# GaLore paper (Zhao et al., 2024, Table 9).
+_PRESETS = {
+    "60m": (512, 1376, 8, 8),
+    "130m": (768, 2048, 12, 12),
+    "350m": (1024, 2736, 16, 24),
+    "1b": (2048, 5461, 32, 24),
+    "7b": (4096, 11008, 32, 32),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LlamaConfig:
+  """Sizes and numerics of a LLaMA decoder. Derived sizes are properties."""
+
+  vocab_size: int = 32000
+  d_model: int = 512
+  d_ff: int = 1376
+  num_heads: int = 8
+  num_kv_heads: int = 8
+  num_layers: int = 8
+  max_seq_len: int = 256
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  dtype: str = "float32"        # activations and matmul inputs
+  param_dtype: str = "float32"  # stored weights
+  scan_layers: bool = False     # stack the blocks on a leading `layers` axis and lax.scan
+  remat: str = "none"           # none | full | dots (jax.checkpoint policy per block)
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "d_ff", "num_heads", "num_kv_heads",
+                 "num_layers", "max_seq_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"`d_model` ({self.d_model}) must be divisible by `num_heads` "
+                       f"({self.num_heads})")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"`num_heads` ({self.num_heads}) must be divisible by "
+                       f"`num_kv_heads` ({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"`remat` must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"`{name}` must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def num_groups(self) -> int:
+    """Query heads per key/value head (1 = multi-head, num_heads = multi-query)."""
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes: Any) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def tiny(cls, **overrides: Any) -> "LlamaConfig":
+    """A CPU-sized model over the byte vocabulary (about 0.9M parameters)."""
+    base = dict(vocab_size=BYTE_VOCAB_SIZE, d_model=128, d_ff=352, num_heads=4,
+                num_kv_heads=2, num_layers=4, max_seq_len=256)
+    return cls(**{**base, **overrides})
+
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+    """`tiny`, `60m`, `130m`, `350m`, `1b` or `7b`, with optional field overrides."""
+    if name == "tiny":
+      return cls.tiny(**overrides)
+    if name not in _PRESETS:
+      raise ValueError(f"unknown model size {name!r}; choose from {', '.join(PRESETS)}")
+    d, f, h, n = _PRESETS[name]
+    base = dict(vocab_size=32000, d_model=d, d_ff=f, num_heads=h, num_kv_heads=h,
+                num_layers=n, max_seq_len=256)
+    return cls(**{**base, **overrides})
+
+
+PRESETS = ("tiny",) + tuple(_PRESETS)

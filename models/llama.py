@@ -1,0 +1,78 @@
+"""The LLaMA decoder (Touvron et al., 2023) in Flax NNX.
+
+Untied input embedding and LM head; pre-norm blocks of grouped-query attention with RoPE
+and a SwiGLU MLP; activation `dtype` separate from `param_dtype`. With
+`cfg.scan_layers` the blocks are one `Block` whose weights carry a leading `layers` axis,
+applied with plain `jax.lax.scan` over its split state; with `cfg.remat` each block is
+wrapped in `jax.checkpoint` with the chosen policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import LlamaConfig
+from models.layers import BATCH, LENGTH, Block, Dense, RMSNorm, _param
+from models.sharding import activation_spec, constrain, no_eager_sharding
+
+_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(nnx.Module):
+  """LLaMA language model: tokens (B, T) int → logits (B, T, V) in `cfg.dtype`."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    with no_eager_sharding():
+      self.embed = _param(rngs, jax.nn.initializers.normal(cfg.init_std),
+                          (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                          cfg.jnp_param_dtype, None)
+      if cfg.scan_layers:
+        self.layers = Block(cfg, stack=cfg.num_layers, rngs=rngs)
+      else:
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+      self.final_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
+      self.lm_head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg=cfg,
+                           rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    b, t = tokens.shape
+    if t > cfg.max_seq_len:
+      raise ValueError(f"sequence length {t} exceeds max_seq_len {cfg.max_seq_len}")
+    table = self.embed[...].astype(cfg.jnp_dtype)
+    spec = activation_spec((b, t, cfg.d_model), BATCH, LENGTH, "activation_embed")
+    x = table.at[tokens].get(out_sharding=spec) if spec is not None else table[tokens]
+    positions = jnp.arange(t, dtype=jnp.int32)
+    x = self._apply_blocks(x, positions)
+    x = self.final_norm(x)
+    return self.lm_head(x, (BATCH, LENGTH, "activation_vocab"))
+
+  def _apply_blocks(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    cfg = self.cfg
+
+    def apply(graphdef, state, x):
+      return nnx.merge(graphdef, state)(x, positions)
+
+    if cfg.remat != "none":
+      apply = jax.checkpoint(apply, policy=_POLICIES[cfg.remat], static_argnums=(0,))
+
+    if cfg.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      x, _ = jax.lax.scan(lambda h, layer: (apply(graphdef, layer, h), None), x, state)
+      return x
+    for block in self.layers:
+      graphdef, state = nnx.split(block)
+      x = apply(graphdef, state, x)
+    return constrain(x, BATCH, LENGTH, "activation_embed")
+
+
+def stack_layers(blocks) -> nnx.State:
+  """Stacks the states of unscanned blocks (a list) on a new leading `layers` axis."""
+  states = [nnx.state(block) for block in blocks]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
