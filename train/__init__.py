@@ -1,0 +1,1 @@
+"""The pretraining program (run from the repository root: python -m train.pretrain)."""

@@ -1,0 +1,87 @@
+"""Optimizer registry: name → factory(args, schedule, mask, dimension_numbers).
+
+`args` is the trainer's parsed flags; `mask` and `dimension_numbers` come from
+`models.lowrank_spec` (derived from the model, never typed by hand). `optax_lowrank` is
+imported lazily inside the factories, so `adamw` runs without it. Names from a registry
+`optax_lowrank.optimizers` (dict name → factory), when the library has one, are added.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import optax
+
+Factory = Callable[[Any, optax.Schedule, Any, Any], optax.GradientTransformation]
+OPTIMIZERS: dict[str, Factory] = {}
+
+
+def register(name: str):
+  def wrap(factory: Factory) -> Factory:
+    OPTIMIZERS[name] = factory
+    return factory
+  return wrap
+
+
+@register("adamw")
+def adamw(args, schedule, mask, dims):
+  del mask, dims
+  return optax.adamw(schedule, b1=args.b1, b2=args.b2, eps=args.eps,
+                     weight_decay=args.weight_decay)
+
+
+@register("galore")
+def galore(args, schedule, mask, dims):
+  import optax_lowrank
+  return optax_lowrank.galore(schedule, rank=args.rank, update_proj_gap=args.update_proj_gap,
+                              scale=args.scale, proj_type=args.proj_type, b1=args.b1,
+                              b2=args.b2, eps=args.eps, weight_decay=args.weight_decay,
+                              mask=mask, dimension_numbers=dims)
+
+
+def _library_registry() -> dict[str, Callable]:
+  try:
+    import optax_lowrank
+  except Exception:  # noqa: BLE001 - absent or broken: only the built-in names are offered
+    return {}
+  registry = getattr(optax_lowrank, "optimizers", None)
+  return dict(registry) if isinstance(registry, dict) else {}
+
+
+def _from_library(factory: Callable) -> Factory:
+  """Adapts a library factory `f(learning_rate, **hyper)`: passes the flags it accepts."""
+  def build(args, schedule, mask, dims):
+    offered = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
+                   proj_type=args.proj_type, b1=args.b1, b2=args.b2, eps=args.eps,
+                   weight_decay=args.weight_decay, mask=mask, dimension_numbers=dims)
+    params = inspect.signature(factory).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if takes_all or k in params}
+    return factory(schedule, **kwargs)
+  return build
+
+
+def available() -> dict[str, Factory]:
+  """Built-in names plus the library's registry (built-ins win on a name clash)."""
+  names = {k: _from_library(f) for k, f in _library_registry().items()}
+  names.update(OPTIMIZERS)
+  return names
+
+
+def make_schedule(lr: float, steps: int, warmup_fraction: float = 0.1,
+                  final_fraction: float = 0.1) -> optax.Schedule:
+  """Linear warmup over `warmup_fraction` of the steps, then cosine decay to
+  `final_fraction · lr` (the GaLore paper's schedule: 10% warmup, decay to 10%)."""
+  warmup = int(round(warmup_fraction * steps))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup,
+      decay_steps=max(steps, warmup + 1), end_value=lr * final_fraction)
+
+
+def build(name: str, args, schedule, mask, dims) -> optax.GradientTransformation:
+  """The full transform: optional global-norm clipping, then the named optimizer."""
+  tx = available()[name](args, schedule, mask, dims)
+  if args.clip and args.clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(args.clip), tx)
+  return tx

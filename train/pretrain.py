@@ -1,0 +1,360 @@
+"""Pretrain a LLaMA with any registered optimizer (AdamW, GaLore, ...).
+
+    python -m train.pretrain --model tiny --optimizer galore --steps 300 --out runs/tiny
+
+Setup follows MaxText: mesh → abstract state (`jax.eval_shape`) → logical specs → mesh
+shardings → `jax.jit(init, out_shardings)` (or an Orbax restore into the same abstract
+state) → `jax.jit(step, in/out shardings, donated state)` → `lower().compile()` with its
+memory analysis → loop. Flags may also come from `--config file.json` (keys are flag
+names); the command line wins. Bad flags fail with one line before anything compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Sequence
+
+from models.config import PRESETS, REMAT_POLICIES, LlamaConfig
+
+
+def _rank(text: str) -> int | float:
+  """`128` (an int rank) or `0.25` (a fraction of the smaller matrix dimension)."""
+  value = float(text)
+  if value <= 0 or (value != int(value) and value >= 1):
+    raise argparse.ArgumentTypeError(f"expected a positive int or a fraction in (0, 1), "
+                                     f"got {text!r}")
+  return int(value) if "." not in text and value == int(value) else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  add = p.add_argument
+  add("--config", default=None, help="JSON file of flag values (command line wins)")
+  g = p.add_argument_group("model")
+  g.add_argument("--model", default="tiny", help=f"size: {', '.join(PRESETS)}")
+  g.add_argument("--seq-len", type=int, default=None, help="context (default: preset's)")
+  g.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=False)
+  g.add_argument("--remat", default="none", help=f"one of {', '.join(REMAT_POLICIES)}")
+  g.add_argument("--dtype", default="float32", help="activation dtype: float32, bfloat16")
+  g.add_argument("--param-dtype", default="float32")
+  g = p.add_argument_group("optimizer")
+  g.add_argument("--optimizer", default="adamw")
+  g.add_argument("--lr", type=float, default=1e-3)
+  g.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of --steps")
+  g.add_argument("--final-lr-fraction", type=float, default=0.1)
+  g.add_argument("--weight-decay", type=float, default=0.0)
+  g.add_argument("--b1", type=float, default=0.9)
+  g.add_argument("--b2", type=float, default=0.999)
+  g.add_argument("--eps", type=float, default=1e-6)
+  g.add_argument("--clip", type=float, default=1.0, help="global-norm clip (0: off)")
+  g.add_argument("--rank", type=_rank, default=128, help="low-rank: int or fraction")
+  g.add_argument("--update-proj-gap", type=int, default=200)
+  g.add_argument("--scale", type=float, default=0.25)
+  g.add_argument("--proj-type", default="std")
+  g = p.add_argument_group("run")
+  g.add_argument("--steps", type=int, default=1000)
+  g.add_argument("--batch-size", type=int, default=32, help="global sequences per step")
+  g.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation")
+  g.add_argument("--eval-every", type=int, default=100)
+  g.add_argument("--eval-batches", type=int, default=8)
+  g.add_argument("--eval-batch-size", type=int, default=None, help="default: micro-batch")
+  g.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
+                 help="data=D,fsdp=F,tensor=T; one size may be -1 (remaining devices)")
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--out", default="runs/latest", help="run directory")
+  g.add_argument("--ckpt-dir", default=None, help="Orbax checkpoints; resumes from latest")
+  g.add_argument("--ckpt-every", type=int, default=1000)
+  g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+  g = p.add_argument_group("data")
+  g.add_argument("--data", default=None, help=".txt, .jsonl (field text) or .bin tokens; "
+                 "default: the Python standard library's sources + pydoc topics")
+  g.add_argument("--data-dtype", default="uint16", help="token dtype of .bin files")
+  g.add_argument("--vocab-size", type=int, default=None, help=".bin data: model vocab")
+  g.add_argument("--tokenizer", default=None, help="tokenizer.json (needs `tokenizers`)")
+  g.add_argument("--corpus-bytes", type=int, default=None, help="cap of the default corpus")
+  g.add_argument("--val-fraction", type=float, default=0.05)
+  return p
+
+
+def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None):
+  """Parses and validates flags; every error names its flag (argparse exits with 2)."""
+  from train import optimizers
+  from models import sharding as shd
+  parser = build_parser()
+  pre, _ = parser.parse_known_args(argv)
+  if pre.config:
+    if not os.path.exists(pre.config):
+      parser.error(f"--config: file not found: {pre.config}")
+    with open(pre.config) as f:
+      values = {k.replace("-", "_"): v for k, v in json.load(f).items()}
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      parser.error(f"--config: unknown keys {unknown}")
+    parser.set_defaults(**values)
+  args = parser.parse_args(argv)
+  error = parser.error
+  if args.model not in PRESETS:
+    error(f"--model: unknown size {args.model!r}; choose from {', '.join(PRESETS)}")
+  names = optimizers.available()
+  if args.optimizer not in names:
+    error(f"--optimizer: unknown {args.optimizer!r}; choose from {', '.join(sorted(names))}")
+  if args.remat not in REMAT_POLICIES:
+    error(f"--remat: unknown {args.remat!r}; choose from {', '.join(REMAT_POLICIES)}")
+  for flag in ("dtype", "param_dtype"):
+    if getattr(args, flag) not in ("float32", "bfloat16", "float16"):
+      error(f"--{flag.replace('_', '-')}: choose from float32, bfloat16, float16")
+  for flag in ("steps", "batch_size", "micro_batches", "eval_every", "eval_batches",
+               "update_proj_gap", "keep"):
+    if getattr(args, flag) <= 0:
+      error(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag)}")
+  if not 0 <= args.warmup < 1:
+    error(f"--warmup: a fraction in [0, 1), got {args.warmup}")
+  if args.data is not None:
+    if not os.path.exists(args.data):
+      error(f"--data: file not found: {args.data}")
+    if not args.data.endswith((".txt", ".jsonl", ".bin")):
+      error(f"--data: expected a .txt, .jsonl or .bin file, got {args.data}")
+  if args.data_dtype not in ("uint16", "uint32"):
+    error(f"--data-dtype: choose from uint16, uint32, got {args.data_dtype!r}")
+  if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+    error(f"--tokenizer: file not found: {args.tokenizer}")
+  if num_devices is None:
+    import jax
+    num_devices = jax.device_count()
+  try:
+    args.mesh_shape = shd.parse_mesh(args.mesh, num_devices)
+  except ValueError as e:
+    error(f"--mesh: {e}")
+  shards = args.mesh_shape["data"] * args.mesh_shape["fsdp"]
+  if args.batch_size % args.micro_batches:
+    error(f"--batch-size ({args.batch_size}) must be divisible by --micro-batches "
+          f"({args.micro_batches})")
+  micro = args.batch_size // args.micro_batches
+  if micro % shards:
+    error(f"--batch-size: each micro-batch ({micro} sequences) must be divisible by the "
+          f"mesh's data*fsdp = {shards} (see --mesh, --micro-batches)")
+  args.eval_batch_size = args.eval_batch_size or micro
+  if args.eval_batch_size % shards:
+    error(f"--eval-batch-size ({args.eval_batch_size}) must be divisible by data*fsdp = "
+          f"{shards}")
+  context = LlamaConfig.preset(args.model).max_seq_len
+  args.seq_len = args.seq_len or context
+  if not 0 < args.seq_len <= context:
+    error(f"--seq-len: must be in [1, {context}] for --model {args.model}")
+  return args
+
+
+def maybe_initialize_distributed() -> None:
+  """`jax.distributed.initialize()` when launched as one of several processes."""
+  env = os.environ
+  multi = (env.get("JAX_COORDINATOR_ADDRESS")
+           or int(env.get("SLURM_NTASKS", "1")) > 1
+           or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+           or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+  if multi:
+    import jax
+    jax.distributed.initialize()
+
+
+def _mib(n) -> str:
+  return f"{(n or 0) / 2**20:,.1f} MiB"
+
+
+class MetricsLog:
+  """metrics.jsonl in the run dir; a resumed run first drops records past its step."""
+
+  def __init__(self, path: str, resume_step: int | None):
+    records = []
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        records = [r for r in map(json.loads, filter(str.strip, f))
+                   if r["step"] <= resume_step]
+    with open(path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+    self._file = open(path, "a")
+
+  def write(self, record: dict) -> None:
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  maybe_initialize_distributed()
+  args = parse_args(argv)
+
+  import jax
+  import numpy as np
+  from flax import nnx
+  from tqdm import tqdm
+  from models import sharding as shd
+  from models.lowrank import lowrank_spec
+  from train import data, optimizers, steps
+  from train.plot import plot_runs
+
+  lead = jax.process_index() == 0
+  say = print if lead else (lambda *a, **k: None)
+  tokenizer = data.BPETokenizer(args.tokenizer) if args.tokenizer else None
+  corpus = data.load_corpus(args.data, tokenizer=tokenizer, data_dtype=args.data_dtype,
+                            val_fraction=args.val_fraction, vocab_size=args.vocab_size,
+                            max_bytes=args.corpus_bytes or data.DEFAULT_CORPUS_BYTES)
+  if len(corpus.train) <= args.seq_len + 1 or len(corpus.val) <= args.seq_len + 1:
+    raise SystemExit(f"--data: too few tokens for --seq-len {args.seq_len} "
+                     f"(train {len(corpus.train)}, validation {len(corpus.val)})")
+  cfg = LlamaConfig.preset(args.model, vocab_size=corpus.vocab_size, max_seq_len=args.seq_len,
+                           scan_layers=args.scan_layers, remat=args.remat, dtype=args.dtype,
+                           param_dtype=args.param_dtype)
+  baseline = data.unigram_entropy(corpus.val, corpus.vocab_size)
+  say(f"data: {corpus.description}; train {len(corpus.train):,} / validation "
+      f"{len(corpus.val):,} tokens")
+  say(f"unigram baseline on validation: loss {baseline:.4f}, perplexity "
+      f"{data.perplexity(baseline):.2f}")
+
+  # mesh → abstract state → logical specs → shardings
+  mesh = shd.make_mesh(args.mesh_shape)
+  schedule = optimizers.make_schedule(args.lr, args.steps, args.warmup, args.final_lr_fraction)
+  graphdef, abstract = steps.abstract_model(cfg)
+  abstract_params = nnx.state(abstract, nnx.Param).to_pure_dict()
+  mask, dims = lowrank_spec(abstract_params, cfg)
+  tx = optimizers.build(args.optimizer, args, schedule, mask, dims)
+  init, abstract_state, shardings, _ = steps.state_shardings(cfg, tx, mesh)
+  sizes = jax.tree.leaves(jax.tree.map(lambda x: x.size, abstract_params))
+  projected = sum(x.size for x, m in zip(jax.tree.leaves(abstract_params),
+                                         jax.tree.leaves(mask)) if m)
+  say(f"model {args.model}: {sum(sizes):,} parameters ({projected:,} in projected "
+      f"matrices), d={cfg.d_model} layers={cfg.num_layers} vocab={cfg.vocab_size} "
+      f"context={cfg.max_seq_len}; mesh {dict(args.mesh_shape)} on {jax.device_count()} "
+      f"{jax.devices()[0].platform} devices")
+
+  os.makedirs(args.out, exist_ok=True)
+  ckpt = None
+  if args.ckpt_dir:
+    from train.checkpoint import Checkpointer
+    ckpt = Checkpointer(args.ckpt_dir, keep=args.keep, every=args.ckpt_every)
+  batch_sharding = steps.batch_sharding(mesh)
+  eval_sharding = steps.batch_sharding(mesh, micro_batched=False)
+  resume = ckpt.latest_step() if ckpt else None
+
+  with shd.set_mesh(mesh):
+    if resume is not None:
+      state = ckpt.restore(abstract_state, resume)
+      say(f"resumed from {args.ckpt_dir} at step {resume}")
+    else:
+      state = jax.jit(init, out_shardings=shardings)(jax.random.key(args.seed))
+    micro = args.batch_size // args.micro_batches
+    batch_shape = (args.micro_batches, micro, args.seq_len + 1)
+    abstract_batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)
+    train_step = jax.jit(steps.make_train_step(graphdef, tx, schedule),
+                         in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, None), donate_argnums=0)
+    compiled = train_step.lower(abstract_state, abstract_batch).compile()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      say(f"train step memory per device: arguments {_mib(mem.argument_size_in_bytes)}, "
+          f"outputs {_mib(mem.output_size_in_bytes)} (aliased "
+          f"{_mib(mem.alias_size_in_bytes)}), temporaries {_mib(mem.temp_size_in_bytes)}")
+    eval_step = jax.jit(steps.make_eval_step(graphdef),
+                        in_shardings=(shardings["params"], eval_sharding))
+
+    def put(batch, sharding):
+      return jax.make_array_from_callback(batch.shape, sharding, lambda idx: batch[idx])
+
+    def evaluate(params) -> tuple[float, float]:
+      total = count = 0.0
+      for j in range(args.eval_batches):
+        tokens = data.eval_batch(corpus.val, j, args.eval_batch_size, args.seq_len)
+        s, n = eval_step(params, put(tokens, eval_sharding))
+        total, count = total + float(s), count + float(n)
+      loss = total / count
+      return loss, data.perplexity(loss)
+
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+      json.dump({"args": {k: v for k, v in vars(args).items()}, "model": cfg.to_dict(),
+                 "unigram_baseline": baseline}, f, indent=2, default=str)
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume)
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda num, _: stop.update(signal=num))
+    start = int(jax.device_get(state["step"]))
+    tokens_per_step = args.batch_size * args.seq_len
+    val_loss = val_ppl = None
+    bar = tqdm(total=args.steps, initial=start, disable=not lead, dynamic_ncols=True,
+               desc=f"{args.optimizer}")
+    pending, last_time = None, time.perf_counter()
+
+    def report(step_done: int, metrics) -> None:
+      nonlocal last_time
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.perf_counter()
+      dt, last_time = now - last_time, now
+      record = {"step": step_done, **metrics, "step_time": dt,
+                "tokens_per_s": tokens_per_step / dt}
+      log.write(record)
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
+                      step_s=f"{dt:.2f}")
+      bar.update(1)
+
+    step = start
+    try:
+      while step < args.steps:
+        batch = data.sample_batch(corpus.train, args.seed, step, args.batch_size,
+                                  args.seq_len).reshape(batch_shape)
+        state, metrics = compiled(state, put(batch, batch_sharding))
+        if pending is not None:
+          report(*pending)
+        step += 1
+        pending = (step, metrics)
+        if step % args.eval_every == 0 or step == args.steps or stop["signal"]:
+          report(*pending)
+          pending = None
+        if step % args.eval_every == 0 and step < args.steps:
+          val_loss, val_ppl = evaluate(state["params"])
+          log.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+          bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity "
+                    f"{val_ppl:.2f}") if lead else None
+        if ckpt and (ckpt.due(step) or stop["signal"]):
+          ckpt.save(step, state, force=True)
+        if stop["signal"]:
+          break
+    finally:
+      bar.close()
+      signal.signal(signal.SIGTERM, previous)
+    if stop["signal"]:
+      if ckpt:
+        ckpt.close()
+      log.close()
+      say(f"stopped by signal {stop['signal']} at step {step}"
+          + (f"; checkpoint saved in {args.ckpt_dir}" if ckpt else ""))
+      return {"step": step, "interrupted": True}
+    val_loss, val_ppl = evaluate(state["params"])
+    log.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+    log.close()
+    if ckpt:
+      ckpt.save(step, state, force=True)
+      ckpt.close()
+
+  plot = os.path.join(args.out, "loss.png")
+  if lead:
+    plot_runs([args.out], plot, labels=[args.optimizer], baseline=baseline)
+  summary = {"step": step, "val_loss": val_loss, "val_ppl": val_ppl,
+             "unigram_loss": baseline, "unigram_ppl": data.perplexity(baseline),
+             "plot": plot}
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  say(f"final validation loss {val_loss:.4f}, perplexity {val_ppl:.2f} "
+      f"(unigram baseline: loss {baseline:.4f}, perplexity {data.perplexity(baseline):.2f})")
+  say(f"loss curves: {plot}")
+  return summary
+
+
+if __name__ == "__main__":
+  main()

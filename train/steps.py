@@ -1,0 +1,134 @@
+"""The model side of training: train state, loss, the train and eval steps.
+
+The train state is a plain dict `{"step", "params", "opt_state"}` of arrays, so Orbax
+saves it as-is and the optimizer sees the pure-dict parameter tree (the tree that
+`models.lowrank_spec` describes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from models import sharding as shd
+from models.config import LlamaConfig
+from models.llama import Llama
+
+State = dict[str, Any]
+
+
+def abstract_model(cfg: LlamaConfig):
+  """(graphdef, abstract nnx.State) of the model; nothing is allocated."""
+  return nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-token cross-entropy in float32; written without a gather so a vocab-sharded
+  logits array needs no resharding (log-sum-exp minus the label's logit)."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.sum(jnp.where(labels[..., None] == jnp.arange(logits.shape[-1]), logits,
+                             0.0), axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def make_loss_fn(graphdef) -> Callable[[Any, jax.Array], jax.Array]:
+  """loss(params, tokens (b, T+1)) → mean next-token cross-entropy."""
+  def loss_fn(params, tokens):
+    model = nnx.merge(graphdef, params)
+    logits = model(tokens[:, :-1])
+    return jnp.mean(cross_entropy(logits, tokens[:, 1:]))
+  return loss_fn
+
+
+def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs=None):
+  """init(key) → train state; params are resharded to their specs where they are born."""
+  def init(key):
+    model = Llama(cfg, rngs=nnx.Rngs(params=key))
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    if param_specs is not None:
+      params = jax.tree.map(jax.sharding.reshard, params, param_specs)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params)}
+  return init
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None):
+  """step(state, batch (k, b/k, T+1)) → (state, metrics).
+
+  The k micro-batches are scanned inside the step (gradient accumulation): gradients and
+  losses are summed in float32 and divided by k, which equals one step on the whole batch
+  because every micro-batch has the same number of tokens.
+  """
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
+
+  def step(state: State, batch: jax.Array):
+    params = state["params"]
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
+
+    def micro(carry, tokens):
+      loss_sum, grad_sum = carry
+      loss, grads = grad_fn(params, tokens)
+      grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+      return (loss_sum + loss, grad_sum), None
+
+    (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch)
+    k = batch.shape[0]
+    loss = loss / k
+    grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    if schedule is not None:
+      metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(graphdef):
+  """eval(params, tokens (b, T+1)) → (sum of token losses, token count)."""
+  def eval_step(params, tokens):
+    model = nnx.merge(graphdef, params)
+    losses = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+    return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
+  return eval_step
+
+
+def state_shardings(cfg: LlamaConfig, tx, mesh, rules=shd.RULES):
+  """Abstract train state and its NamedShardings (MaxText order: abstract → specs → shardings).
+
+  Parameter specs come from the logical names through `rules`; optimizer-state shardings
+  are read off `jax.eval_shape` of `init` on the Explicit mesh, where every state leaf
+  that is a function of a parameter inherits that parameter's sharding.
+  """
+  _, abstract = abstract_model(cfg)
+  specs = shd.param_specs(nnx.state(abstract, nnx.Param), rules, mesh).to_pure_dict()
+  init = make_init_fn(cfg, tx, specs)
+  with shd.set_mesh(mesh):
+    abstract_state = jax.eval_shape(init, jax.random.key(0))
+
+  def sharding_of(leaf):
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, NamedSharding):
+      return NamedSharding(mesh, s.spec)
+    return NamedSharding(mesh, P())
+
+  shardings = jax.tree.map(sharding_of, abstract_state)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+      shardings)
+  return init, abstract_state, shardings, specs
+
+
+def batch_sharding(mesh, rules=shd.RULES, *, micro_batched: bool = True) -> NamedSharding:
+  """Token batches (micro-batches, batch, length), or (batch, length) when not
+  `micro_batched`: the batch axis over the `activation_batch` mesh axes."""
+  names = (None, "activation_batch") if micro_batched else ("activation_batch",)
+  spec = shd.logical_to_mesh(names, rules, mesh)
+  return NamedSharding(mesh, spec)
