@@ -27,12 +27,19 @@ except Exception:  # noqa: BLE001 - the library may be absent or mid-edit
 PROJECTED = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 
 
+def pure_dict(state: Any) -> Any:
+  """Nested dict of arrays from an `nnx.State` (across Flax versions)."""
+  if hasattr(nnx, "to_pure_dict"):
+    return nnx.to_pure_dict(state)
+  return state.to_pure_dict()
+
+
 def params_tree(model_or_params: Any) -> Any:
   """The pure-dict parameter tree the trainer differentiates (from a model or a State)."""
   if isinstance(model_or_params, nnx.Module):
     model_or_params = nnx.state(model_or_params, nnx.Param)
   if isinstance(model_or_params, nnx.State):
-    return model_or_params.to_pure_dict()
+    return pure_dict(model_or_params)
   return model_or_params
 
 

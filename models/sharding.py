@@ -66,11 +66,14 @@ def parse_mesh(text: str, num_devices: int) -> dict[str, int]:
   return shape
 
 
-def make_mesh(shape: Mapping[str, int], *, explicit: bool = True) -> jax.sharding.Mesh:
-  """A device mesh over `MESH_AXES` (Explicit axes by default, Auto if asked)."""
+def make_mesh(shape: Mapping[str, int], *, explicit: bool = True,
+              devices=None) -> jax.sharding.Mesh:
+  """A device mesh over `MESH_AXES` (Explicit axes by default, Auto if asked), over all
+  devices or the given ones."""
   kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
   sizes = tuple(shape.get(name, 1) for name in MESH_AXES)
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(kind,) * len(MESH_AXES))
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(kind,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def set_mesh(mesh):
@@ -125,9 +128,13 @@ def param_specs(abstract_state, rules: Rules = RULES, mesh=None):
   from flax import nnx  # local: keeps this module importable without flax for tools
   logical = nnx.get_partition_spec(abstract_state)
 
+  def unwrap(x):
+    if not isinstance(x, nnx.Variable):
+      return x
+    return x.get_value() if hasattr(x, "get_value") else x.value
+
   def one(var, names):
-    value = var.value if isinstance(var, nnx.Variable) else var
-    spec_names = names.value if isinstance(names, nnx.Variable) else names
+    value, spec_names = unwrap(var), unwrap(names)
     return logical_to_mesh(_names_of(spec_names), rules, mesh, getattr(value, "shape", None))
 
   is_var = lambda x: isinstance(x, nnx.Variable)

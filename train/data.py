@@ -64,6 +64,14 @@ def _is_validation(name: str, val_fraction: float) -> bool:
   return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
 
 
+def split_documents(docs: list[tuple[str, str]], val_fraction: float):
+  """(train, validation) lists of documents; a document's side depends only on its name."""
+  train, val = [], []
+  for doc in docs:
+    (val if _is_validation(doc[0], val_fraction) else train).append(doc)
+  return train, val
+
+
 def stdlib_documents(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[tuple[str, str]]:
   """(name, text) of the standard library's `*.py` files (sorted, up to `max_bytes`)
   followed by the pydoc topics; deterministic for a given Python installation."""
@@ -74,11 +82,11 @@ def stdlib_documents(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[tuple[str, s
                          if d not in ("site-packages", "dist-packages", "__pycache__"))
     paths.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
   docs, total = [], 0
-  try:
+  try:  # one document: topics repeat each other's text, so they must not straddle the split
     from pydoc_data.topics import topics
-    for key in sorted(topics):
-      docs.append((f"pydoc:{key}", topics[key]))
-      total += len(topics[key])
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    docs.append(("pydoc_data/topics", text))
+    total += len(text)
   except ImportError:
     pass
   for path in sorted(paths):
@@ -142,9 +150,8 @@ def load_corpus(data: str | None = None, *, tokenizer=None, data_dtype: str = "u
   tokenizer = tokenizer or ByteTokenizer()
   docs = file_documents(data) if data is not None else stdlib_documents(max_bytes)
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-  train, val = [], []
-  for name, text in docs:
-    (val if _is_validation(name, val_fraction) else train).append(tokenizer.encode(text))
+  train, val = ([tokenizer.encode(text) for _, text in part]
+                for part in split_documents(docs, val_fraction))
   what = data or f"Python {sysconfig.get_python_version()} stdlib + pydoc topics"
   corpus = Corpus(_join(train, tokenizer.eos_id, dtype), _join(val, tokenizer.eos_id, dtype),
                   tokenizer.vocab_size,

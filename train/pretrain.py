@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--ckpt-dir", default=None, help="Orbax checkpoints; resumes from latest")
   g.add_argument("--ckpt-every", type=int, default=1000)
   g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+  g.add_argument("--stop-at", type=int, default=None,
+                 help="checkpoint and exit at this step, as on SIGTERM (time-sliced jobs)")
   g = p.add_argument_group("data")
   g.add_argument("--data", default=None, help=".txt, .jsonl (field text) or .bin tokens; "
                  "default: the Python standard library's sources + pydoc topics")
@@ -198,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   from flax import nnx
   from tqdm import tqdm
   from models import sharding as shd
-  from models.lowrank import lowrank_spec
+  from models.lowrank import lowrank_spec, pure_dict
   from train import data, optimizers, steps
   from train.plot import plot_runs
 
@@ -224,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   mesh = shd.make_mesh(args.mesh_shape)
   schedule = optimizers.make_schedule(args.lr, args.steps, args.warmup, args.final_lr_fraction)
   graphdef, abstract = steps.abstract_model(cfg)
-  abstract_params = nnx.state(abstract, nnx.Param).to_pure_dict()
+  abstract_params = pure_dict(nnx.state(abstract, nnx.Param))
   mask, dims = lowrank_spec(abstract_params, cfg)
   tx = optimizers.build(args.optimizer, args, schedule, mask, dims)
   init, abstract_state, shardings, _ = steps.state_shardings(cfg, tx, mesh)
@@ -313,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
           report(*pending)
         step += 1
         pending = (step, metrics)
+        if step == args.stop_at:
+          stop["signal"] = f"--stop-at {step}"
         if step % args.eval_every == 0 or step == args.steps or stop["signal"]:
           report(*pending)
           pending = None
@@ -332,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       if ckpt:
         ckpt.close()
       log.close()
-      say(f"stopped by signal {stop['signal']} at step {step}"
+      say(f"stopped ({stop['signal']}) at step {step}"
           + (f"; checkpoint saved in {args.ckpt_dir}" if ckpt else ""))
       return {"step": step, "interrupted": True}
     val_loss, val_ppl = evaluate(state["params"])

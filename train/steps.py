@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from models import sharding as shd
 from models.config import LlamaConfig
 from models.llama import Llama
+from models.lowrank import pure_dict
 
 State = dict[str, Any]
 
@@ -49,7 +50,7 @@ def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs
   """init(key) → train state; params are resharded to their specs where they are born."""
   def init(key):
     model = Llama(cfg, rngs=nnx.Rngs(params=key))
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = pure_dict(nnx.state(model, nnx.Param))
     if param_specs is not None:
       params = jax.tree.map(jax.sharding.reshard, params, param_specs)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -108,7 +109,7 @@ def state_shardings(cfg: LlamaConfig, tx, mesh, rules=shd.RULES):
   that is a function of a parameter inherits that parameter's sharding.
   """
   _, abstract = abstract_model(cfg)
-  specs = shd.param_specs(nnx.state(abstract, nnx.Param), rules, mesh).to_pure_dict()
+  specs = pure_dict(shd.param_specs(nnx.state(abstract, nnx.Param), rules, mesh))
   init = make_init_fn(cfg, tx, specs)
   with shd.set_mesh(mesh):
     abstract_state = jax.eval_shape(init, jax.random.key(0))
