@@ -78,6 +78,12 @@ def galore(
     Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024; code:
     github.com/jiaweizzhao/GaLore.
   """
+  for name, value in (("b1", b1), ("b2", b2)):
+    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+      raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
+  for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+    if isinstance(value, (int, float)) and value < 0.0:
+      raise ValueError(f"`{name}` must be >= 0, got {value!r}")
   return optax.chain(
       lowrank_project(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps),

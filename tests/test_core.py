@@ -346,6 +346,16 @@ def test_bad_hyperparameters_are_rejected_at_build_time(kwargs, match):
       ol.galore(1e-3, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(b1=1.0), "`b1`"), (dict(b2=-0.1), "`b2`"), (dict(eps=-1e-8), "`eps`"),
+     (dict(weight_decay=-0.1), "`weight_decay`")],
+)
+def test_bad_adam_hyperparameters_of_the_alias(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ol.galore(1e-3, **kwargs)
+
+
 def test_three_axis_leaf_needs_dimension_numbers():
   params = {"blocks": {"w": jnp.ones((3, 24, 16))}, "b": jnp.ones(4)}
   tx = ol.lowrank_project(optax.scale_by_adam(), rank=4)
