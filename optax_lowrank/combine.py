@@ -9,7 +9,7 @@ import jax
 
 from optax_lowrank.projectors.base import Projector
 
-# combine(projector, basis, g, r, n, scale) -> full-space update (batch..., m, n)
+# combine(projector, basis, g, r, n, scale) -> full-space update, in g's layout
 CombineRule = Callable[[Projector, Any, jax.Array, jax.Array, jax.Array, Any], jax.Array]
 
 
@@ -19,7 +19,7 @@ def back_project(projector, basis, g, r, n, scale):
   Args:
     projector: The leaf's ``Projector``.
     basis: The leaf's basis state.
-    g: The matricized gradient ``(batch..., m, n)`` (unused here).
+    g: The matricized gradient ``(batch..., n, m)`` (unused here).
     r: The projected gradient ``down(basis, g)`` (unused here).
     n: The inner optimizer's output in the subspace.
     scale: Scalar multiplier (GaLore's ``alpha``).

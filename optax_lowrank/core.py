@@ -39,7 +39,7 @@ class LeafBasis:
   Attributes:
     basis: The projector's basis pytree (arrays).
     rank: Rank of the subspace (static).
-    matrix_shape: ``(batch..., m, n)`` of the leaf's matrix view (static).
+    matrix_shape: ``(batch..., m, n)`` in the references' orientation (static).
   """
 
   basis: Any
@@ -99,8 +99,8 @@ def lowrank_project(
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it runs in a low-rank subspace of each gradient.
 
-  For every projected leaf, the gradient ``G`` (viewed as matrices
-  ``(batch..., m, n)``, see ``DimensionNumbers``) is projected to
+  For every projected leaf, the gradient ``G`` (viewed as matrices, see
+  ``DimensionNumbers`` and ``shapes``) is projected to
   ``R = down(basis, G)``; ``inner`` updates the tree of projected gradients;
   its output ``N`` is combined back, by default ``U = scale · up(basis, N)``.
   The basis is renewed from ``G`` at step 0 and every ``update_proj_gap``
@@ -192,7 +192,7 @@ def lowrank_project(
           shapes.explicit_spec(g),
       )
       basis = projector.init(info, leaf.dtype)
-      bases.append(LeafBasis(basis, p.rank, g.shape))
+      bases.append(LeafBasis(basis, p.rank, p.layout.matrix_shape))
       proxies.append(projector.down(basis, g))
     return LowRankState(
         count=jnp.zeros([], jnp.int32),

@@ -1,15 +1,21 @@
 """Matricization of parameter leaves and the choice of which leaves to project.
 
-A projected leaf is viewed as a stack of matrices ``(batch..., m, n)``: ``m`` is
-the product of the leaf's *output* axes and ``n`` the product of its
-*reduction* (input) axes; every axis named by neither is a batch axis, which is
-how stacked (scanned) layers get one basis per layer.
+A projected leaf is viewed as a stack of matrices. Its *reduction* (input)
+axes form ``n`` and its *output* axes form ``m``; every axis named by neither
+is a batch axis, which is how stacked (scanned) layers get one basis per layer.
 
-The matrix is oriented ``(output, reduction)``, the layout of PyTorch's
-``nn.Linear.weight``, so the orientation rules of the reference implementations
-(e.g. GaLore's "``m >= n``: project on the right") select the same side here,
-including the tie ``m == n``. A Flax ``Dense`` kernel of shape ``(in, out)``
-therefore has ``reduction_axes=0, output_axes=1``, the default for 2-D leaves.
+Two orientations meet here:
+
+- **Conventions** follow the reference implementations, which see a weight as
+  ``(m, n) = (output, reduction)``, PyTorch's ``nn.Linear.weight``. So a rule
+  such as GaLore's "``m >= n``: project on the right" selects the same side
+  here, the tie ``m == n`` included, and bases have their reference shapes
+  (``r × n`` on the right, ``m × r`` on the left).
+- **Arrays** stay in the parameter's own layout, reduction axes first:
+  ``matricize`` gives ``(batch..., n, m)``, which for a Flax ``Dense`` kernel
+  ``(in, out)`` (``reduction_axes=0, output_axes=1``, the default for 2-D
+  leaves) is the kernel itself. Projectors contract along the right axes with
+  ``einsum`` instead of transposing the gradient and the update every step.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ def _as_axes(axes: Union[int, Sequence[int]], ndim: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class MatrixLayout:
-  """A static map between a leaf's shape and its ``(batch..., m, n)`` view."""
+  """A static map between a leaf's shape and its ``(batch..., n, m)`` view."""
 
   shape: tuple[int, ...]
   batch_axes: tuple[int, ...]
@@ -100,19 +106,27 @@ class MatrixLayout:
     return math.prod(self.shape[a] for a in self.reduction_axes)
 
   @property
+  def matrix_shape(self) -> tuple[int, ...]:
+    """``(batch..., m, n)`` in the references' orientation (for reports)."""
+    return self.batch_shape + (self.m, self.n)
+
+  @property
   def _perm(self) -> tuple[int, ...]:
-    return self.batch_axes + self.output_axes + self.reduction_axes
+    return self.batch_axes + self.reduction_axes + self.output_axes
 
   def matricize(self, x: jax.Array) -> jax.Array:
-    """``x`` of ``shape`` → ``(batch..., m, n)``."""
-    return jnp.transpose(x, self._perm).reshape(
-        self.batch_shape + (self.m, self.n)
-    )
+    """``x`` of ``shape`` → ``(batch..., n, m)`` (no copy for Dense kernels)."""
+    perm = self._perm
+    if perm != tuple(range(len(perm))):
+      x = jnp.transpose(x, perm)
+    return x.reshape(self.batch_shape + (self.n, self.m))
 
   def unmatricize(self, y: jax.Array) -> jax.Array:
-    """``(batch..., m, n)`` → an array of ``shape``."""
+    """``(batch..., n, m)`` → an array of ``shape``."""
     perm = self._perm
     y = y.reshape(tuple(self.shape[a] for a in perm))
+    if perm == tuple(range(len(perm))):
+      return y
     inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
     return jnp.transpose(y, inverse)
 
@@ -125,8 +139,9 @@ class MatrixInfo(NamedTuple):
     m: Rows (product of output axes).
     n: Columns (product of reduction axes).
     rank: Rank of the subspace.
-    spec: Partition spec entries of the ``(batch..., m, n)`` view under an
-      explicit-sharding mesh, or ``None`` when nothing is sharded explicitly.
+    spec: Partition spec entries of the ``(batch..., n, m)`` array view under
+      an explicit-sharding mesh, or ``None`` when nothing is sharded
+      explicitly.
   """
 
   batch_shape: tuple[int, ...]
@@ -151,7 +166,7 @@ class MatrixInfo(NamedTuple):
     if self.spec is None:
       return jnp.zeros(shape, dtype)
     nb = len(self.batch_shape)
-    specs = {"m": self.spec[nb], "n": self.spec[nb + 1], "r": None}
+    specs = {"n": self.spec[nb], "m": self.spec[nb + 1], "r": None}
     spec = P(*self.spec[:nb], *(specs[d] for d in dims))
     return jnp.zeros(shape, dtype, out_sharding=spec)
 
@@ -188,11 +203,11 @@ def gather_matrices(x: jax.Array) -> jax.Array:
   """Makes the two matrix axes of ``x`` unsharded, for SVD or QR.
 
   Mesh axes taken off the matrix axes are moved onto the first unsharded batch
-  axis they divide, so that a stacked ``(layers, m, n)`` gradient is factorized
+  axis they divide, so that a stacked ``(layers, n, m)`` gradient is factorized
   layer-parallel rather than on every device.
 
   Args:
-    x: An array ``(batch..., m, n)``.
+    x: An array ``(batch..., n, m)``.
 
   Returns:
     ``x`` resharded so that its last two axes are replicated.

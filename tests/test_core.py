@@ -251,7 +251,7 @@ def test_stagger_spreads_refreshes_over_the_gap():
   _run(tx, params, 19)
   jax.effects_barrier()
   for i, (a, b) in enumerate(shapes):  # leaf i is offset by 8·i/4 = 2i
-    steps = sorted(s for shape, s in events if shape == (b, a))
+    steps = sorted(s for shape, s in events if shape == (a, b))
     expected = sorted({0} | {s for s in range(19) if s >= 2 * i and (s - 2 * i) % 8 == 0})
     assert steps == expected, (i, steps)
   per_step = np.bincount([s for _, s in events if s > 0])
@@ -265,8 +265,9 @@ def test_fixed_projector_supplied_by_the_user():
   fixed = ol.Projector(
       init=lambda info, dtype: jnp.asarray(q),
       refresh=lambda g, basis, key, step: basis,
-      down=lambda basis, g: jnp.einsum("mr,...mn->...rn", basis, g),
-      up=lambda basis, r: jnp.einsum("mr,...rn->...mn", basis, r),
+      # g arrives in the kernel's layout (n, m) = (in, out); see Projector.
+      down=lambda basis, g: jnp.einsum("mr,...nm->...rn", basis, g),
+      up=lambda basis, r: jnp.einsum("mr,...rn->...nm", basis, r),
   )
   params = {"w": jnp.ones((24, 16))}
   tx = ol.lowrank_project(optax.sgd(1.0), rank=4, scale=0.5, projector=fixed)

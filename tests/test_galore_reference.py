@@ -19,6 +19,9 @@ from optax_lowrank import DimensionNumbers
 
 STEPS, GAP, RANK, SCALE, LR, EPS = 36, 12, 6, 0.25, 1e-2, 1e-6
 TOL32, TOL_BF16 = 1e-5, 2e-2
+# ``full`` on the two steps after its moments restart from the ill-posed diagonal R (see
+# run_parity): the float32 rounding noise of that step still weighs on small entries.
+TOL_AFTER_FRESH = 2e-3
 # (in, out) kernels: G = grad.T is (40, 24) m>n, (24, 40) m<n, (32, 32) m=n; plus a bias.
 SHAPES = {"a": (24, 40), "b": (40, 24), "c": (32, 32), "bias": (40,)}
 STACKED = {"w": (3, 24, 40), "bias": (24,)}
@@ -234,9 +237,11 @@ def run_parity(tx_fn, ref, shapes, grads, dtype=jnp.float32, seed=1):
   rounding noise δ (~1e-6 in float32, ~1e-15 in float64) that Adam's first step,
   ``R / (|R| + eps)``, normalizes to O(1): the update there is ill-posed below float64
   (50-100% off the exact one). On that step only its well-posed part is compared, the
-  diagonal of the update in the reference's coordinates, ``diag(Aᵀ U Bᵀ)``; the next
-  step is skipped, as δ still dominates the moments of entries whose new gradient is
-  small (measured 1e-5 to 3e-4 over 6 seeds); from the step after, 1e-6.
+  diagonal of the update in the reference's coordinates, ``diag(Aᵀ U Bᵀ)``. On the
+  next two steps δ still weighs on the moments of entries whose new gradient is small
+  (measured up to 4.5e-4, then up to 1.5e-5, decaying to 1e-6 by the third step), so
+  they are checked at ``TOL_AFTER_FRESH``; later steps at the caller's tolerance.
+  Returns each leaf's max error over the steps checked at the caller's tolerance.
   """
   tx, update = tx_fn
   rs = np.random.RandomState(seed)
@@ -256,7 +261,8 @@ def run_parity(tx_fn, ref, shapes, grads, dtype=jnp.float32, seed=1):
       if ref.proj_type == "full" and ref.leaf[k]["projected"]:
         if fresh(t):
           got, want[k] = ref.diag_coords(k, got), ref.diag_coords(k, want[k])
-        elif fresh(t - 1):
+        elif fresh(t - 1) or fresh(t - 2):
+          assert _rel(got, want[k]) <= TOL_AFTER_FRESH, (t, k, _rel(got, want[k]))
           continue
       errs[k] = max(errs[k], _rel(got, want[k]))
     params = optax.apply_updates(params, upd)

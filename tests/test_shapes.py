@@ -12,11 +12,12 @@ from optax_lowrank import shapes
 @pytest.mark.parametrize(
     "shape, dims, batch, m, n, perm",
     [
-        ((5, 7), ol.DimensionNumbers(0, 1), (), 7, 5, (1, 0)),
-        ((3, 5, 7), ol.DimensionNumbers(1, 2), (3,), 7, 5, (0, 2, 1)),
-        ((5, 2, 3), ol.DimensionNumbers(0, (1, 2)), (), 6, 5, (1, 2, 0)),
-        ((2, 3, 5), ol.DimensionNumbers((0, 1), -1), (), 5, 6, (2, 0, 1)),
-        ((4, 5, 6, 7), ol.DimensionNumbers(2, 0), (5, 7), 4, 6, (1, 3, 0, 2)),
+        ((5, 7), ol.DimensionNumbers(0, 1), (), 7, 5, (0, 1)),
+        ((7, 5), ol.DimensionNumbers(1, 0), (), 7, 5, (1, 0)),
+        ((3, 5, 7), ol.DimensionNumbers(1, 2), (3,), 7, 5, (0, 1, 2)),
+        ((5, 2, 3), ol.DimensionNumbers(0, (1, 2)), (), 6, 5, (0, 1, 2)),
+        ((2, 3, 5), ol.DimensionNumbers((0, 1), -1), (), 5, 6, (0, 1, 2)),
+        ((4, 5, 6, 7), ol.DimensionNumbers(2, 0), (5, 7), 4, 6, (1, 3, 2, 0)),
     ],
 )
 def test_matricize_is_a_transpose_and_reshape(shape, dims, batch, m, n, perm):
@@ -24,7 +25,9 @@ def test_matricize_is_a_transpose_and_reshape(shape, dims, batch, m, n, perm):
   layout = shapes.MatrixLayout.from_dimension_numbers(shape, dims, "x")
   assert (layout.batch_shape, layout.m, layout.n) == (batch, m, n)
   mat = layout.matricize(jnp.asarray(x))
-  np.testing.assert_array_equal(mat, np.transpose(x, perm).reshape(batch + (m, n)))
+  # Arrays keep the parameter's layout: (batch..., n, m), reduction first.
+  np.testing.assert_array_equal(mat, np.transpose(x, perm).reshape(batch + (n, m)))
+  assert layout.matrix_shape == batch + (m, n)
   np.testing.assert_array_equal(layout.unmatricize(mat), x)
 
 

@@ -15,9 +15,12 @@ Basis = Any  # a pytree of arrays
 class Projector(NamedTuple):
   """Four pure functions over the basis state of one leaf.
 
-  All functions act on stacks of matrices ``(batch..., m, n)``; the leading
-  batch axes (stacked layers) are carried through, each slice with a basis of
-  its own.
+  Gradients arrive in the parameter's own layout, ``g`` of shape
+  ``(batch..., n, m)``: the transpose of the references' ``G`` (``m × n``,
+  output × reduction), so no step pays for transposing the gradient or the
+  update; write ``down`` and ``up`` as ``einsum`` contractions on that layout
+  (see ``shapes``). Leading batch axes (stacked layers) are carried through,
+  each slice with a basis of its own.
 
   Attributes:
     init: ``init(info: MatrixInfo, dtype) -> basis``, the basis state before
@@ -27,7 +30,8 @@ class Projector(NamedTuple):
     refresh: ``refresh(g, basis, key, step) -> basis``, a new basis from the
       float32 gradient ``g``. Runs only on refresh steps.
     down: ``down(basis, g) -> r``, the gradient in the subspace.
-    up: ``up(basis, r) -> g``, back to the full space (no scale applied).
+    up: ``up(basis, r) -> g``, back to the full space in ``g``'s layout
+      ``(batch..., n, m)`` (no scale applied).
   """
 
   init: Callable[[MatrixInfo, Any], Basis]

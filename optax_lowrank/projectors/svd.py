@@ -53,20 +53,26 @@ def _canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]
   return u * sign, vh * jnp.swapaxes(sign, -1, -2)
 
 
+# Gradients arrive as ``g`` of shape (batch..., n, m), the transpose of the
+# references' G (m × n); bases keep the references' shapes.
+
+
 def _down_right(vh, g):
+  """``R = G Vᵣᵀ`` (m × r) from ``g = Gᵀ``."""
   spec = shapes.explicit_spec(g)
-  out = None if spec is None else (*spec[:-1], None)
+  out = None if spec is None else (*spec[:-2], spec[-1], None)
   return jnp.einsum(
-      "...mn,...rn->...mr", g, vh.astype(g.dtype),
+      "...nm,...rn->...mr", g, vh.astype(g.dtype),
       out_sharding=shapes.out_sharding(out),
   )
 
 
 def _down_left(u, g):
+  """``R = Uᵣᵀ G`` (r × n) from ``g = Gᵀ``."""
   spec = shapes.explicit_spec(g)
-  out = None if spec is None else (*spec[:-2], None, spec[-1])
+  out = None if spec is None else (*spec[:-2], None, spec[-2])
   return jnp.einsum(
-      "...mr,...mn->...rn", u.astype(g.dtype), g,
+      "...mr,...nm->...rn", u.astype(g.dtype), g,
       out_sharding=shapes.out_sharding(out),
   )
 
@@ -117,8 +123,9 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
   def refresh(g, basis, key, step):
     del key, step
     g = shapes.gather_matrices(g.astype(jnp.float32))
-    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
-    u, vh = _canonical_signs(u, vh)
+    # g = Gᵀ = A S Bᴴ, so G = B S Aᵀ: U = Bᴴᵀ and Vh = Aᵀ.
+    a, _, bh = jnp.linalg.svd(g, full_matrices=False)
+    u, vh = _canonical_signs(jnp.swapaxes(bh, -1, -2), jnp.swapaxes(a, -1, -2))
     if isinstance(basis, RightBasis):
       r = basis.vh.shape[-2]
       return RightBasis(vh[..., :r, :].astype(basis.vh.dtype))
@@ -136,14 +143,20 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
       return _down_right(basis.vh, g)
     if isinstance(basis, LeftBasis):
       return _down_left(basis.u, g)
-    return _down_right(basis.vh, _down_left(basis.u, g))
+    left = _down_left(basis.u, g)  # (r, n)
+    spec = shapes.explicit_spec(left)
+    return jnp.einsum(
+        "...rn,...kn->...rk", left, basis.vh.astype(left.dtype),
+        out_sharding=shapes.out_sharding(None if spec is None else (*spec[:-1], None)),
+    )
 
   def up(basis, r):
+    """The update in the gradient's layout, ``(batch..., n, m)``."""
     if isinstance(basis, RightBasis):
-      return jnp.einsum("...mr,...rn->...mn", r, basis.vh.astype(r.dtype))
+      return jnp.einsum("...mr,...rn->...nm", r, basis.vh.astype(r.dtype))
     if isinstance(basis, LeftBasis):
-      return jnp.einsum("...mr,...rn->...mn", basis.u.astype(r.dtype), r)
-    ur = jnp.einsum("...mr,...rk->...mk", basis.u.astype(r.dtype), r)
-    return jnp.einsum("...mk,...kn->...mn", ur, basis.vh.astype(r.dtype))
+      return jnp.einsum("...mr,...rn->...nm", basis.u.astype(r.dtype), r)
+    rv = jnp.einsum("...rk,...kn->...rn", r, basis.vh.astype(r.dtype))
+    return jnp.einsum("...mr,...rn->...nm", basis.u.astype(r.dtype), rv)
 
   return Projector(init, refresh, down, up)
