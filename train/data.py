@@ -59,22 +59,30 @@ class BPETokenizer:
     return self._tok.decode([int(i) for i in ids])
 
 
+def _name_hash(name: str) -> float:
+  """A uniform number in [0, 1) fixed by the document's name."""
+  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") / 2**64
+
+
 def _is_validation(name: str, val_fraction: float) -> bool:
-  digest = hashlib.sha256(name.encode()).digest()
-  return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+  return _name_hash(name) < val_fraction
 
 
 def split_documents(docs: list[tuple[str, str]], val_fraction: float):
-  """(train, validation) lists of documents; a document's side depends only on its name."""
-  train, val = [], []
-  for doc in docs:
-    (val if _is_validation(doc[0], val_fraction) else train).append(doc)
+  """(train, validation) lists of documents; a document's side depends only on its name
+  (a small corpus with no document under `val_fraction` gives its lowest-hash one to
+  validation, if it has more than one)."""
+  val_names = {name for name, _ in docs if _is_validation(name, val_fraction)}
+  if not val_names and val_fraction > 0 and len(docs) > 1:
+    val_names = {min((name for name, _ in docs), key=_name_hash)}
+  train = [doc for doc in docs if doc[0] not in val_names]
+  val = [doc for doc in docs if doc[0] in val_names]
   return train, val
 
 
 def stdlib_documents(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[tuple[str, str]]:
-  """(name, text) of the standard library's `*.py` files (sorted, up to `max_bytes`)
-  followed by the pydoc topics; deterministic for a given Python installation."""
+  """(name, text) of the pydoc topics (one document) and the standard library's `*.py`
+  files (sorted, up to `max_bytes` of them); deterministic for a given Python."""
   root = sysconfig.get_paths()["stdlib"]
   paths = []
   for dirpath, dirnames, filenames in os.walk(root):
@@ -86,7 +94,6 @@ def stdlib_documents(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[tuple[str, s
     from pydoc_data.topics import topics
     text = "\n\n".join(topics[key] for key in sorted(topics))
     docs.append(("pydoc_data/topics", text))
-    total += len(text)
   except ImportError:
     pass
   for path in sorted(paths):
@@ -141,9 +148,8 @@ def load_corpus(data: str | None = None, *, tokenizer=None, data_dtype: str = "u
   if data is not None and data.endswith(".bin"):
     tokens = np.fromfile(data, dtype=np.dtype(data_dtype))
     blocks = [tokens[i:i + BIN_BLOCK_TOKENS] for i in range(0, len(tokens), BIN_BLOCK_TOKENS)]
-    train, val = [], []
-    for i, block in enumerate(blocks):
-      (val if _is_validation(f"block{i}", val_fraction) else train).append(block)
+    train, val = ([block for _, block in part] for part in
+                  split_documents([(f"block{i}", b) for i, b in enumerate(blocks)], val_fraction))
     vocab = vocab_size or int(tokens.max()) + 1
     return Corpus(_join(train, None, tokens.dtype), _join(val, None, tokens.dtype), vocab,
                   f"{data}: {len(tokens):,} tokens")
