@@ -60,20 +60,23 @@ def test_sharded_state_and_updates(mesh, case, proj_type):
         assert jax.typeof(lowrank.inner_state.mu[name]).sharding.spec == spec
         continue
       # Moments and basis keep the parameter's sharding on the axes they share.
-      mat_spec = [_spec_entry(spec, a) for a in layout.batch_axes] + [
-          _spec_entry(spec, layout.output_axes[0]),
+      # Array layout of the gradient: (batch..., n, m) = (..., reduction, output).
+      arr = [_spec_entry(spec, a) for a in layout.batch_axes] + [
           _spec_entry(spec, layout.reduction_axes[0]),
+          _spec_entry(spec, layout.output_axes[0]),
       ]
       mu = lowrank.inner_state.mu[name]
       basis = jax.tree.leaves(lowrank.bases[name])[0]
       mu_spec = tuple(jax.typeof(mu).sharding.spec) + (None,) * 3
       b_spec = tuple(jax.typeof(basis).sharding.spec) + (None,) * 3
       nb = len(layout.batch_axes)
-      assert mu_spec[:nb] == tuple(mat_spec[:nb]) and b_spec[:nb] == tuple(mat_spec[:nb])
-      if mu.shape[-1] == 4:  # R = G Vᵀ (m × r): rows shared with the parameter
-        assert mu_spec[nb] == mat_spec[nb] and b_spec[nb + 1] == mat_spec[nb + 1]
-      else:  # R = Uᵀ G (r × n): columns shared
-        assert mu_spec[nb + 1] == mat_spec[nb + 1] and b_spec[nb] == mat_spec[nb]
+      assert mu_spec[:nb] == tuple(arr[:nb]) and b_spec[:nb] == tuple(arr[:nb])
+      if mu.shape[-1] == 4:  # left: R is (n, r), the basis U (m, r)
+        assert mu_spec[nb:nb + 2] == (arr[nb], None)
+        assert b_spec[nb:nb + 2] == (arr[nb + 1], None)
+      else:  # right: R is (r, m), the basis Vh (r, n)
+        assert mu_spec[nb:nb + 2] == (None, arr[nb + 1])
+        assert b_spec[nb:nb + 2] == (None, arr[nb])
 
     update = jax.jit(tx.update)
     for g, want in zip(grads, expected):

@@ -54,27 +54,31 @@ def _canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 # Gradients arrive as ``g`` of shape (batch..., n, m), the transpose of the
-# references' G (m × n); bases keep the references' shapes.
+# references' G (m × n); bases keep the references' shapes. The projected
+# gradient keeps g's layout with the projected axis replaced by r: ``Rᵀ`` of
+# the references, (n, r) on the left, (r, m) on the right, (r, r) for both.
+# Written so, each down-projection is a plain (untransposed) matmul of g.
 
 
-def _down_right(vh, g):
-  """``R = G Vᵣᵀ`` (m × r) from ``g = Gᵀ``."""
-  spec = shapes.explicit_spec(g)
-  out = None if spec is None else (*spec[:-2], spec[-1], None)
+def _contract(subscripts, a, b, out_spec):
   return jnp.einsum(
-      "...nm,...rn->...mr", g, vh.astype(g.dtype),
-      out_sharding=shapes.out_sharding(out),
+      subscripts, a, b.astype(a.dtype) if a.dtype != b.dtype else b,
+      out_sharding=shapes.out_sharding(out_spec),
   )
 
 
 def _down_left(u, g):
-  """``R = Uᵣᵀ G`` (r × n) from ``g = Gᵀ``."""
+  """``(Uᵣᵀ G)ᵀ = g Uᵣ``, (batch..., n, r): the rows m are projected."""
   spec = shapes.explicit_spec(g)
-  out = None if spec is None else (*spec[:-2], None, spec[-2])
-  return jnp.einsum(
-      "...mr,...nm->...rn", u.astype(g.dtype), g,
-      out_sharding=shapes.out_sharding(out),
-  )
+  return _contract("...nm,...mr->...nr", g, u,
+                   None if spec is None else (*spec[:-1], None))
+
+
+def _down_right(vh, g):
+  """``(G Vᵣᵀ)ᵀ = Vᵣ g``, (batch..., r, m): the columns n are projected."""
+  spec = shapes.explicit_spec(g)
+  return _contract("...rn,...nm->...rm", vh.astype(g.dtype), g,
+                   None if spec is None else (*spec[:-2], None, spec[-1]))
 
 
 def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> Projector:
@@ -85,8 +89,11 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
   ``m >= n`` (``R = G Vᵣᵀ``, ``m × r``) and the left ones otherwise
   (``R = Uᵣᵀ G``, ``r × n``), so the larger side stays; ``reverse_std`` does
   the opposite; ``right`` and ``left`` always take that side; ``full``
-  projects both (``R = Uᵣᵀ G Vᵣᵀ``, ``r × r``). Singular vector signs are made
-  deterministic (largest entry of each left vector positive).
+  projects both (``R = Uᵣᵀ G Vᵣᵀ``, ``r × r``). Arrays keep the parameter's
+  layout, so ``R`` is stored as ``Rᵀ``: the gradient ``(batch..., n, m)`` with
+  its projected axis replaced by ``r``, which makes every down-projection a
+  plain matmul of the gradient. Singular vector signs are made deterministic
+  (largest entry of each left vector positive).
 
   Args:
     proj_type: One of ``std``, ``reverse_std``, ``left``, ``right``, ``full``.
@@ -143,20 +150,15 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
       return _down_right(basis.vh, g)
     if isinstance(basis, LeftBasis):
       return _down_left(basis.u, g)
-    left = _down_left(basis.u, g)  # (r, n)
-    spec = shapes.explicit_spec(left)
-    return jnp.einsum(
-        "...rn,...kn->...rk", left, basis.vh.astype(left.dtype),
-        out_sharding=shapes.out_sharding(None if spec is None else (*spec[:-1], None)),
-    )
+    return _down_right(basis.vh, _down_left(basis.u, g))  # (r, r)
 
   def up(basis, r):
     """The update in the gradient's layout, ``(batch..., n, m)``."""
-    if isinstance(basis, RightBasis):
-      return jnp.einsum("...mr,...rn->...nm", r, basis.vh.astype(r.dtype))
-    if isinstance(basis, LeftBasis):
-      return jnp.einsum("...mr,...rn->...nm", basis.u.astype(r.dtype), r)
-    rv = jnp.einsum("...rk,...kn->...rn", r, basis.vh.astype(r.dtype))
-    return jnp.einsum("...mr,...rn->...nm", basis.u.astype(r.dtype), rv)
+    if isinstance(basis, RightBasis):  # (R Vᵣ)ᵀ = Vᵣᵀ Rᵀ
+      return jnp.einsum("...rn,...rm->...nm", basis.vh.astype(r.dtype), r)
+    if isinstance(basis, LeftBasis):  # (Uᵣ R)ᵀ = Rᵀ Uᵣᵀ
+      return jnp.einsum("...nr,...mr->...nm", r, basis.u.astype(r.dtype))
+    vr = jnp.einsum("...rn,...rk->...nk", basis.vh.astype(r.dtype), r)
+    return jnp.einsum("...nk,...mk->...nm", vr, basis.u.astype(r.dtype))
 
   return Projector(init, refresh, down, up)
