@@ -28,10 +28,11 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
 
 
 def _smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
-  out, avg = [], None
-  for v in values:
-    avg = v if avg is None else weight * avg + (1 - weight) * v
-    out.append(avg)
+  """Exponential moving average, debiased (no lag towards the first value)."""
+  out, avg = [], 0.0
+  for t, v in enumerate(values, start=1):
+    avg = weight * avg + (1 - weight) * v
+    out.append(avg / (1 - weight ** t))
   return out
 
 
