@@ -323,8 +323,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if step % args.eval_every == 0 and step < args.steps:
           val_loss, val_ppl = evaluate(state["params"])
           log.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
-          bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity "
-                    f"{val_ppl:.2f}") if lead else None
+          if lead:
+            bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity "
+                      f"{val_ppl:.2f}")
         if ckpt and (ckpt.due(step) or stop["signal"]):
           ckpt.save(step, state, force=True)
         if stop["signal"]:
