@@ -17,6 +17,8 @@ from models.config import LlamaConfig
 from models.layers import BATCH, LENGTH, Block, Dense, RMSNorm, _param
 from models.sharding import activation_spec, constrain, no_eager_sharding
 
+_List = getattr(nnx, "List", list)  # Flax < 0.12 keeps modules in plain lists
+
 _POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -35,7 +37,7 @@ class Llama(nnx.Module):
       if cfg.scan_layers:
         self.layers = Block(cfg, stack=cfg.num_layers, rngs=rngs)
       else:
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = _List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
       self.final_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
       self.lm_head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg=cfg,
                            rngs=rngs)

@@ -114,25 +114,34 @@ def test_parameter_count_with_grouped_query_attention():
   assert count == 66_560 + 4 * (16_384 + 16_384 + 16_384 + 135_168 + 256) + 128
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
-def test_scanned_equals_unscanned_with_the_same_weights(remat):
+_GRAD = nnx.jit(nnx.grad(lambda model, tokens: jnp.mean(model(tokens) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def unscanned():
+  """An unscanned model with its logits and gradients on a fixed batch."""
   plain = Llama(TINY, rngs=nnx.Rngs(3))
-  scanned = Llama(TINY.replace(scan_layers=True, remat=remat), rngs=nnx.Rngs(4))
-  nnx.update(scanned.layers, stack_layers(plain.layers))
-  for name in ("embed", "final_norm", "lm_head"):
-    nnx.update(getattr(scanned, name) if name != "embed" else scanned,
-               nnx.state(getattr(plain, name)) if name != "embed"
-               else nnx.State({"embed": plain.embed}))
   tokens = _tokens((2, 16), seed=5)
-  np.testing.assert_allclose(_apply(scanned, tokens), _apply(plain, tokens), rtol=1e-5,
-                             atol=1e-5)
+  return plain, tokens, _apply(plain, tokens), _GRAD(plain, tokens)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scanned_equals_unscanned_with_the_same_weights(remat, unscanned):
+  plain, tokens, logits, g_plain = unscanned
+  scanned = Llama(TINY.replace(scan_layers=True, remat=remat), rngs=nnx.Rngs(4))
+  assert not np.allclose(_apply(scanned, tokens), logits, atol=1e-3)  # different init
+  nnx.update(scanned.layers, stack_layers(plain.layers))
+  nnx.update(scanned, nnx.State({"embed": plain.embed}))
+  nnx.update(scanned.final_norm, nnx.state(plain.final_norm))
+  nnx.update(scanned.lm_head, nnx.state(plain.lm_head))
+  np.testing.assert_allclose(_apply(scanned, tokens), logits, rtol=1e-5, atol=1e-5)
   # and gradients agree too (remat must not change them)
-  grad = nnx.jit(nnx.grad(lambda model, tokens: jnp.mean(model(tokens) ** 2)))
-  g_plain = grad(plain, tokens)
-  g_scan = grad(scanned, tokens)
-  np.testing.assert_allclose(g_scan["layers"]["mlp"]["down"]["kernel"][1],
-                             g_plain["layers"][1]["mlp"]["down"]["kernel"],
-                             rtol=1e-4, atol=1e-6)
+  g_scan = _GRAD(scanned, tokens)
+  for layer in range(TINY.num_layers):
+    for group, name in (("attn", "q"), ("mlp", "down")):
+      np.testing.assert_allclose(g_scan["layers"][group][name]["kernel"][layer],
+                                 g_plain["layers"][layer][group][name]["kernel"],
+                                 rtol=1e-4, atol=1e-6)
 
 
 def test_stacked_weights_have_a_leading_layers_axis():

@@ -3,6 +3,9 @@ data and plotting. Uses the tiny model and a few steps (8 simulated CPU devices)
 
 import json
 import os
+import signal
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -81,19 +84,13 @@ def test_micro_batch_accumulation_equals_one_big_batch():
   tx = _record_grads()
   mesh = shd.make_mesh({}, devices=jax.devices()[:1])
   tokens = _batch(32, seed=1)
-  params, _, m1, _ = _run_step(CFG, tx, mesh, tokens)
-  _, acc, m4, _ = _run_step(CFG, tx, mesh, tokens.reshape(4, 8, SEQ + 1), params=params)
+  params, acc, m4, _ = _run_step(CFG, tx, mesh, tokens.reshape(4, 8, SEQ + 1))
   # independent reference: plain value_and_grad of the mean loss over the whole batch
   graphdef, _ = steps.abstract_model(CFG)
   loss, grads = jax.jit(jax.value_and_grad(steps.make_loss_fn(graphdef)))(params, tokens[0])
-  np.testing.assert_allclose(m1["loss"], loss, rtol=1e-6)
   np.testing.assert_allclose(m4["loss"], loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                acc["opt_state"], jax.device_get(grads))
-  # and micro-batch gradients differ from any single micro-batch's gradient
-  _, g0 = jax.jit(jax.value_and_grad(steps.make_loss_fn(graphdef)))(params, tokens[0, :8])
-  diff = np.abs(g0["lm_head"]["kernel"] - acc["opt_state"]["lm_head"]["kernel"]).max()
-  assert diff > 1e-5
 
 
 def _train(tmp_path, name, *extra):
@@ -130,18 +127,35 @@ def compilation_cache(tmp_path):
     pass
 
 
+def _sigterm_after(metrics, lines):
+  """Sends this process SIGTERM once `metrics` has `lines` records (training is on)."""
+  def wait_and_kill():
+    while not (metrics.exists() and metrics.read_text().count("\n") >= lines):
+      time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGTERM)
+  threading.Thread(target=wait_and_kill, daemon=True).start()
+
+
 def test_checkpoint_resume_is_bit_exact(tmp_path, compilation_cache):
-  straight, out_a = _train(tmp_path, "straight")
+  from train.checkpoint import Checkpointer
+  run = ("--steps", "40", "--eval-every", "10")
+  straight, out_a = _train(tmp_path, "straight", *run)
   ckpt = str(tmp_path / "ckpt")
-  first, out_b = _train(tmp_path, "resumed", "--ckpt-dir", ckpt, "--stop-at", "3")
-  assert first.get("interrupted") and first["step"] == 3
-  second, _ = _train(tmp_path, "resumed", "--ckpt-dir", ckpt)
+  # 1) SIGTERM mid-run: a checkpoint at the step where it stopped
+  _sigterm_after(tmp_path / "resumed" / "metrics.jsonl", 2)
+  first, out_b = _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt)
+  assert first["interrupted"] and 2 <= first["step"] < 25, first
+  assert Checkpointer(ckpt).latest_step() == first["step"]
+  # 2) resume, stop again at a fixed step; 3) resume to the end
+  second, _ = _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt, "--stop-at", "25")
+  assert second["interrupted"] and second["step"] == 25
+  third, _ = _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt)
   train_a, val_a = _losses(out_a)
   train_b, val_b = _losses(out_b)
-  assert [s for s, _ in train_a] == list(range(1, 7))
+  assert [s for s, _ in train_a] == list(range(1, 41))
   assert train_b == train_a  # exact float equality, step for step
   assert val_b == val_a
-  assert second["val_loss"] == straight["val_loss"]
+  assert third["val_loss"] == straight["val_loss"]
   assert train_a[-1][1] < train_a[0][1]  # and it trained
 
 
@@ -160,14 +174,15 @@ def test_galore_from_the_registry_projects_exactly_the_model_spec():
   args = pretrain.parse_args(["--optimizer", "galore", "--rank", "0.25",
                               "--update-proj-gap", "5"], num_devices=8)
   assert args.rank == 0.25
-  abstract = pure_dict(nnx.state(steps.abstract_model(CFG)[1], nnx.Param))
-  mask, dims = lowrank_spec(abstract, CFG)
+  cfg = CFG.replace(d_model=64, d_ff=160)  # small matrices: exact SVDs stay cheap on CPU
+  abstract = pure_dict(nnx.state(steps.abstract_model(cfg)[1], nnx.Param))
+  mask, dims = lowrank_spec(abstract, cfg)
   tx = optimizers.build("galore", args, optax.constant_schedule(1e-2), mask, dims)
   one = shd.make_mesh({}, devices=jax.devices()[:1])
-  params, new, metrics, _ = _run_step(CFG, tx, one, _batch(4, seed=2))
+  params, new, metrics, _ = _run_step(cfg, tx, one, _batch(4, seed=2))
   assert np.isfinite(metrics["loss"]) and int(new["step"]) == 1
-  rank = max(1, int(0.25 * CFG.d_model))
-  for name in ("q", "o"):  # projected: every layer's update has rank <= 0.25·128
+  rank = int(0.25 * cfg.d_model)
+  for name in ("q", "o"):  # projected: every layer's update has rank <= 0.25·64
     delta = new["params"]["layers"]["attn"][name]["kernel"] - params["layers"]["attn"][name]["kernel"]
     for layer in delta:
       assert 0 < np.linalg.matrix_rank(layer, tol=1e-7) <= rank
