@@ -279,6 +279,21 @@ def test_file_corpora(tmp_path):
   assert c.vocab_size == 50_000
 
 
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+  path = tmp_path / "tokens.bin"
+  (np.arange(3 * data.BIN_BLOCK_TOKENS, dtype=np.uint16) % 300).tofile(path)
+  with pytest.raises(SystemExit, match="--vocab-size.*299"):
+    pretrain.main(["--data", str(path), "--vocab-size", "260", "--seq-len", "16",
+                   "--batch-size", "8", "--val-fraction", "0.5", "--out", str(tmp_path)])
+
+
+def test_cross_entropy_matches_optax():
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 11)) * 3
+  labels = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+  want = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  np.testing.assert_allclose(steps.cross_entropy(logits, labels), want, rtol=1e-6)
+
+
 def test_unigram_entropy_and_schedule():
   assert data.unigram_entropy(np.array([0, 0, 1, 1]), 4) == pytest.approx(np.log(2))
   assert data.unigram_entropy(np.array([3, 3, 3]), 4) == pytest.approx(0.0)

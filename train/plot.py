@@ -82,7 +82,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   for run in args.runs:
     if not os.path.exists(os.path.join(run, METRICS)):
       parser.error(f"runs: {os.path.join(run, METRICS)} not found")
-  print(plot_runs(args.runs, args.out, labels))
+  print(plot_runs(args.runs, args.out, labels, baseline=_shared_baseline(args.runs)))
+
+
+def _shared_baseline(run_dirs: Sequence[str]) -> float | None:
+  """The runs' unigram baseline (config.json), when they all report the same one."""
+  values = set()
+  for run in run_dirs:
+    try:
+      with open(os.path.join(run, "config.json")) as f:
+        values.add(json.load(f).get("unigram_baseline"))
+    except (OSError, ValueError):
+      return None
+  return values.pop() if len(values) == 1 and None not in values else None
 
 
 if __name__ == "__main__":

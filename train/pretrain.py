@@ -171,9 +171,12 @@ def _mib(n) -> str:
 
 
 class MetricsLog:
-  """metrics.jsonl in the run dir; a resumed run first drops records past its step."""
+  """metrics.jsonl in the run dir; a resumed run first drops records past its step.
+  Only the lead process writes (`enabled`)."""
 
-  def __init__(self, path: str, resume_step: int | None):
+  def __init__(self, path: str, resume_step: int | None, enabled: bool = True):
+    if not enabled:
+      path = os.devnull
     records = []
     if resume_step is not None and os.path.exists(path):
       with open(path) as f:
@@ -213,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if len(corpus.train) <= args.seq_len + 1 or len(corpus.val) <= args.seq_len + 1:
     raise SystemExit(f"--data: too few tokens for --seq-len {args.seq_len} "
                      f"(train {len(corpus.train)}, validation {len(corpus.val)})")
+  top = int(max(corpus.train.max(), corpus.val.max()))
+  if top >= corpus.vocab_size:
+    raise SystemExit(f"--vocab-size: the data has token id {top}, so the vocabulary needs "
+                     f"at least {top + 1} entries (got {corpus.vocab_size})")
   cfg = LlamaConfig.preset(args.model, vocab_size=corpus.vocab_size, max_seq_len=args.seq_len,
                            scan_layers=args.scan_layers, remat=args.remat, dtype=args.dtype,
                            param_dtype=args.param_dtype)
@@ -280,10 +287,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
       loss = total / count
       return loss, data.perplexity(loss)
 
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-      json.dump({"args": {k: v for k, v in vars(args).items()}, "model": cfg.to_dict(),
-                 "unigram_baseline": baseline}, f, indent=2, default=str)
-    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume)
+    if lead:
+      with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump({"args": vars(args), "model": cfg.to_dict(), "unigram_baseline": baseline},
+                  f, indent=2, default=str)
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume, enabled=lead)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda num, _: stop.update(signal=num))
     start = int(jax.device_get(state["step"]))
@@ -353,8 +361,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   summary = {"step": step, "val_loss": val_loss, "val_ppl": val_ppl,
              "unigram_loss": baseline, "unigram_ppl": data.perplexity(baseline),
              "plot": plot}
-  with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if lead:
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   say(f"final validation loss {val_loss:.4f}, perplexity {val_ppl:.2f} "
       f"(unigram baseline: loss {baseline:.4f}, perplexity {data.perplexity(baseline):.2f})")
   say(f"loss curves: {plot}")
