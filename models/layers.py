@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import LlamaConfig
-from models.sharding import activation_spec, constrain
+from models.sharding import activation_spec, constrain, no_eager_sharding
 
 BATCH, LENGTH = "activation_batch", "activation_length"
 
@@ -25,8 +25,9 @@ def _param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str], dty
            stack: int | None) -> nnx.Param:
   if stack is not None:
     shape, names = (stack, *shape), ("layers", *names)
-  return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape),
-                                                             dtype))
+  with no_eager_sharding():  # placement comes later, from the names and the rules table
+    return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape),
+                                                               dtype))
 
 
 class Dense(nnx.Module):

@@ -15,7 +15,7 @@ from flax import nnx
 
 from models.config import LlamaConfig
 from models.layers import BATCH, LENGTH, Block, Dense, RMSNorm, _param
-from models.sharding import activation_spec, constrain, no_eager_sharding
+from models.sharding import activation_spec, constrain
 
 _List = getattr(nnx, "List", list)  # Flax < 0.12 keeps modules in plain lists
 
@@ -30,17 +30,16 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    with no_eager_sharding():
-      self.embed = _param(rngs, jax.nn.initializers.normal(cfg.init_std),
-                          (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
-                          cfg.jnp_param_dtype, None)
-      if cfg.scan_layers:
-        self.layers = Block(cfg, stack=cfg.num_layers, rngs=rngs)
-      else:
-        self.layers = _List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-      self.final_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
-      self.lm_head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg=cfg,
-                           rngs=rngs)
+    self.embed = _param(rngs, jax.nn.initializers.normal(cfg.init_std),
+                        (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                        cfg.jnp_param_dtype, None)
+    if cfg.scan_layers:
+      self.layers = Block(cfg, stack=cfg.num_layers, rngs=rngs)
+    else:
+      self.layers = _List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
+    self.lm_head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg=cfg,
+                         rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     cfg = self.cfg

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from models import sharding as shd
 from models.config import LlamaConfig
-from models.layers import rope
+from models.layers import Attention, rope
 from models.llama import Llama, stack_layers
 from models.lowrank import lowrank_spec, pure_dict
 
@@ -84,6 +84,35 @@ def test_rope_matches_float64_rotation_formula():
   # grouped layout (B, T, K, G, H) gets the same rotation per head
   grouped = np.asarray(rope(jnp.asarray(x.reshape(b, t, 1, n, h)), jnp.asarray(positions), theta))
   np.testing.assert_allclose(grouped.reshape(b, t, n, h), want, rtol=1e-5, atol=1e-5)
+
+
+def _rope_np(x, positions, theta):
+  half = x.shape[-1] // 2
+  angle = positions[:, None] * theta ** (-2.0 * np.arange(half) / x.shape[-1])  # (T, half)
+  cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+  x1, x2 = x[..., :half], x[..., half:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def test_grouped_query_attention_matches_a_float64_reference():
+  cfg = TINY
+  attn = Attention(cfg, rngs=nnx.Rngs(7))
+  b, t, n, k, h = 2, 10, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  x = np.random.default_rng(1).standard_normal((b, t, cfg.d_model))
+  got = nnx.jit(lambda m, x: m(x, jnp.arange(t)))(attn, jnp.asarray(x, jnp.float32))
+  w = {name: np.asarray(getattr(attn, name).kernel[...], np.float64) for name in "qkvo"}
+  pos = np.arange(t, dtype=np.float64)
+  q = _rope_np((x @ w["q"]).reshape(b, t, n, h), pos, cfg.rope_theta)
+  kk = _rope_np((x @ w["k"]).reshape(b, t, k, h), pos, cfg.rope_theta)
+  v = (x @ w["v"]).reshape(b, t, k, h)
+  group = n // k  # query head i reads key/value head i // group
+  kk, v = np.repeat(kk, group, axis=2), np.repeat(v, group, axis=2)
+  scores = np.einsum("btnh,bsnh->bnts", q, kk) / np.sqrt(h)
+  scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = np.einsum("bnts,bsnh->btnh", probs, v).reshape(b, t, n * h) @ w["o"]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def _hand_count(v, d, f, n_layers, heads, kv_heads):
