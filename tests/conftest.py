@@ -5,6 +5,9 @@ conditionals holding collectives (our per-leaf refresh ``lax.cond`` with a
 reshard inside) run at once on simulated devices sharing two cores; the
 default scheduler runs them in program order. GPU and TPU runtimes are not
 affected.
+
+jaxlib's CPU LAPACK (the SVD) runs on scipy's OpenBLAS, whose threads contend
+with XLA's for two cores and slow an SVD by 10-70x; one thread avoids that.
 """
 
 import os
@@ -14,3 +17,4 @@ os.environ.setdefault(
     "--xla_force_host_platform_device_count=8"
     " --xla_cpu_enable_concurrency_optimized_scheduler=false",
 )
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from optax_lowrank import shapes
 from optax_lowrank.projectors.base import Projector
@@ -51,6 +52,36 @@ def _canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]
   sign = jnp.sign(jnp.take_along_axis(u, idx, axis=-2))
   sign = jnp.where(sign == 0, 1.0, sign)
   return u * sign, vh * jnp.swapaxes(sign, -1, -2)
+
+
+def _svd(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Reduced SVD of a stack of matrices ``(batch..., p, q)``.
+
+  On CPU a stack is factorized one matrix at a time: jaxlib's batched LAPACK
+  kernel fans the batch out over the shared intra-op thread pool and blocks on
+  it, which deadlocks once several simulated devices do so at once (seen with
+  stacked layers on 8 CPU devices). CPU devices share the host's cores anyway,
+  so nothing is lost; other platforms keep the batched (layer-parallel) call.
+  """
+  batched = lambda x: tuple(jnp.linalg.svd(x, full_matrices=False))
+  if g.ndim == 2:
+    return batched(g)
+  spec = shapes.explicit_spec(g)
+
+  def one_at_a_time(x):
+    if spec is not None:
+      x = jax.sharding.reshard(x, P())
+    flat = x.reshape((-1,) + x.shape[-2:])
+    outs = jax.lax.map(batched, flat)
+    outs = tuple(o.reshape(x.shape[:-2] + o.shape[1:]) for o in outs)
+    if spec is not None:
+      outs = tuple(
+          jax.sharding.reshard(o, P(*spec[:-2], *(None,) * (o.ndim - len(spec) + 2)))
+          for o in outs
+      )
+    return outs
+
+  return jax.lax.platform_dependent(g, cpu=one_at_a_time, default=batched)
 
 
 # Gradients arrive as ``g`` of shape (batch..., n, m), the transpose of the
@@ -131,7 +162,7 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
     del key, step
     g = shapes.gather_matrices(g.astype(jnp.float32))
     # g = Gᵀ = A S Bᴴ, so G = B S Aᵀ: U = Bᴴᵀ and Vh = Aᵀ.
-    a, _, bh = jnp.linalg.svd(g, full_matrices=False)
+    a, _, bh = _svd(g)
     u, vh = _canonical_signs(jnp.swapaxes(bh, -1, -2), jnp.swapaxes(a, -1, -2))
     if isinstance(basis, RightBasis):
       r = basis.vh.shape[-2]
