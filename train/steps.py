@@ -83,7 +83,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None):
     grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
