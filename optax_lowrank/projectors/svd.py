@@ -91,25 +91,20 @@ def _svd(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 # Written so, each down-projection is a plain (untransposed) matmul of g.
 
 
-def _contract(subscripts, a, b, out_spec):
-  return jnp.einsum(
-      subscripts, a, b.astype(a.dtype) if a.dtype != b.dtype else b,
-      out_sharding=shapes.out_sharding(out_spec),
-  )
-
-
 def _down_left(u, g):
   """``(Uᵣᵀ G)ᵀ = g Uᵣ``, (batch..., n, r): the rows m are projected."""
   spec = shapes.explicit_spec(g)
-  return _contract("...nm,...mr->...nr", g, u,
-                   None if spec is None else (*spec[:-1], None))
+  out = None if spec is None else (*spec[:-1], None)
+  return jnp.einsum("...nm,...mr->...nr", g, u.astype(g.dtype),
+                    out_sharding=shapes.out_sharding(out))
 
 
 def _down_right(vh, g):
   """``(G Vᵣᵀ)ᵀ = Vᵣ g``, (batch..., r, m): the columns n are projected."""
   spec = shapes.explicit_spec(g)
-  return _contract("...rn,...nm->...rm", vh.astype(g.dtype), g,
-                   None if spec is None else (*spec[:-2], None, spec[-1]))
+  out = None if spec is None else (*spec[:-2], None, spec[-1])
+  return jnp.einsum("...rn,...nm->...rm", vh.astype(g.dtype), g,
+                    out_sharding=shapes.out_sharding(out))
 
 
 def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> Projector:
