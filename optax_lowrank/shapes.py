@@ -51,8 +51,11 @@ DimensionNumbersOrFn = Union[
 MaskOrFn = Union[None, bool, Any, Callable[[Any], Any]]
 
 
-def _as_axes(axes: Union[int, Sequence[int]], ndim: int) -> tuple[int, ...]:
+def _as_axes(axes: Union[int, Sequence[int]], ndim: int) -> Optional[tuple[int, ...]]:
+  """Axes as non-negative ints, or ``None`` if empty or out of range."""
   axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  if not axes or any(not -ndim <= a < ndim for a in axes):
+    return None
   return tuple(int(a) % ndim for a in axes)
 
 
@@ -76,15 +79,13 @@ class MatrixLayout:
           f"Leaf {path} of shape {shape} cannot be projected: it has fewer "
           "than 2 axes. Exclude it with `mask` or give it no dimension numbers."
       )
-    for axes in (dims.reduction_axes, dims.output_axes):
-      flat = (axes,) if isinstance(axes, int) else tuple(axes)
-      if not flat or any(not -ndim <= a < ndim for a in flat):
-        raise ValueError(
-            f"Dimension numbers {dims} for leaf {path} of shape {shape} name "
-            f"an axis outside [-{ndim}, {ndim}) or no axis at all."
-        )
     red = _as_axes(dims.reduction_axes, ndim)
     out = _as_axes(dims.output_axes, ndim)
+    if red is None or out is None:
+      raise ValueError(
+          f"Dimension numbers {dims} for leaf {path} of shape {shape} name "
+          f"an axis outside [-{ndim}, {ndim}) or no axis at all."
+      )
     if len(set(red + out)) != len(red) + len(out):
       raise ValueError(
           f"Dimension numbers {dims} for leaf {path}: reduction and output "

@@ -47,3 +47,9 @@ def test_plan_rank_fraction_mask_and_small_leaves():
 def test_mismatched_mask_tree_is_a_clear_error():
   with pytest.raises(ValueError, match="per-leaf option"):
     shapes.plan_leaves({"a": jnp.zeros((4, 4))}, rank=2, mask={"b": True})
+
+
+@pytest.mark.parametrize("dims", [ol.DimensionNumbers(5, 1), ol.DimensionNumbers((), 1)])
+def test_out_of_range_or_empty_axes_are_a_clear_error(dims):
+  with pytest.raises(ValueError, match=r"leaf w .*outside \[-3, 3\) or no axis"):
+    shapes.MatrixLayout.from_dimension_numbers((3, 8, 8), dims, "w")
