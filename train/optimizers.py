@@ -34,10 +34,7 @@ def adamw(args, schedule, mask, dims):
 @register("galore")
 def galore(args, schedule, mask, dims):
   import optax_lowrank
-  return optax_lowrank.galore(schedule, rank=args.rank, update_proj_gap=args.update_proj_gap,
-                              scale=args.scale, proj_type=args.proj_type, b1=args.b1,
-                              b2=args.b2, eps=args.eps, weight_decay=args.weight_decay,
-                              mask=mask, dimension_numbers=dims)
+  return _from_library(optax_lowrank.galore)(args, schedule, mask, dims)
 
 
 def _library_registry() -> dict[str, Callable]:
