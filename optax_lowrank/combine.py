@@ -1,34 +1,59 @@
-"""Combine rules: how the full-space update is built from the subspace one."""
+"""Combine rules: how the full-space update is built from the subspace one.
+
+A rule sees, per projected leaf, the matricized gradient ``g``
+``(batch..., n, m)``, its projection ``r = down(basis, g)``, the inner
+optimizer's output ``n`` (same shape as ``r``) and the leaf's basis, and
+returns the update in ``g``'s layout. A rule may keep a small state of its own
+per leaf (the norm-growth limiter's last norm, a factored second moment).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from optax_lowrank.projectors.base import Projector
-
-# combine(projector, basis, g, r, n, scale) -> full-space update, in g's layout
-CombineRule = Callable[[Projector, Any, jax.Array, jax.Array, jax.Array, Any], jax.Array]
+from optax_lowrank.shapes import MatrixInfo
 
 
-def back_project(projector, basis, g, r, n, scale):
-  """``U = scale · up(basis, N)``: GaLore's back-projection.
+class CombineRule(NamedTuple):
+  """A combine rule: two pure functions.
 
-  Args:
-    projector: The leaf's ``Projector``.
-    basis: The leaf's basis state.
-    g: The matricized gradient ``(batch..., n, m)`` (unused here).
-    r: The projected gradient ``down(basis, g)`` (unused here).
-    n: The inner optimizer's output in the subspace.
-    scale: Scalar multiplier (GaLore's ``alpha``).
+  Attributes:
+    init: ``init(info: MatrixInfo) -> state``, the rule's per-leaf state
+      (a pytree of arrays; ``()`` for stateless rules).
+    apply: ``apply(projector, basis, g, r, n, scale, state) -> (u, state)``,
+      the update ``u`` in ``g``'s layout ``(batch..., n, m)``.
+  """
+
+  init: Callable[[MatrixInfo], Any]
+  apply: Callable[
+      [Projector, Any, jax.Array, jax.Array, jax.Array, Any, Any],
+      tuple[jax.Array, Any],
+  ]
+
+
+def back_project() -> CombineRule:
+  """``U = scale · up(basis, N)``: GaLore's back-projection (stateless).
 
   Returns:
-    The update in the full matrix space.
+    A ``CombineRule``.
+
+  Example:
+    >>> import optax, optax_lowrank
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax.scale_by_adam(), rank=4,
+    ...     combine=optax_lowrank.combine.back_project())
 
   References:
     Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, 2024, Alg. 2.
   """
-  del g, r
-  return scale * projector.up(basis, n)
+
+  def apply(projector, basis, g, r, n, scale, state):
+    del g, r
+    return scale * projector.up(basis, n), state
+
+  return CombineRule(lambda info: (), apply)

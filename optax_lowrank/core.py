@@ -54,11 +54,15 @@ class LowRankState(NamedTuple):
     count: Number of updates taken (int32, saturating).
     bases: A tree like the parameters: ``LeafBasis`` for projected leaves,
       ``optax.MaskedNode`` for the others.
+    combine_states: A tree like the parameters: the combine rule's state of
+      each projected leaf (empty for stateless rules), ``optax.MaskedNode``
+      for the others.
     inner_state: The inner transform's state over the projected tree.
   """
 
   count: jax.Array
   bases: Any
+  combine_states: Any
   inner_state: optax.OptState
 
 
@@ -94,7 +98,7 @@ def lowrank_project(
     dimension_numbers: shapes.DimensionNumbersOrFn = None,
     on_refresh: str = "keep",
     stagger: bool = False,
-    combine: combine_lib.CombineRule = combine_lib.back_project,
+    combine: combine_lib.CombineRule = combine_lib.back_project(),
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it runs in a low-rank subspace of each gradient.
@@ -134,7 +138,9 @@ def lowrank_project(
       re-expressed in the new basis).
     stagger: Spread the leaves' refreshes over the gap (see
       ``schedules.every``).
-    combine: The combine rule, ``combine.back_project`` by default.
+    combine: The combine rule building the full-space update from the
+      subspace one (a ``combine.CombineRule``); ``combine.back_project()``
+      by default.
     seed: Seed for projectors that draw random bases.
 
   Returns:
@@ -170,6 +176,11 @@ def lowrank_project(
     raise ValueError(
         f"`projector` must be 'svd' or a Projector instance, got {projector!r}"
     )
+  if not isinstance(combine, combine_lib.CombineRule):
+    raise ValueError(
+        f"`combine` must be a combine.CombineRule (e.g. "
+        f"combine.back_project()), got {combine!r}"
+    )
   refresh_schedule = schedules.every(update_proj_gap, stagger=stagger)
   inner = optax.with_extra_args_support(inner)
 
@@ -180,10 +191,11 @@ def lowrank_project(
 
   def init_fn(params):
     plans, treedef = plan(params)
-    bases, proxies = [], []
+    bases, combine_states, proxies = [], [], []
     for leaf, p in zip(treedef.flatten_up_to(params), plans):
       if p is None:
         bases.append(optax.MaskedNode())
+        combine_states.append(optax.MaskedNode())
         proxies.append(leaf)
         continue
       g = p.layout.matricize(jnp.zeros_like(leaf))
@@ -193,10 +205,12 @@ def lowrank_project(
       )
       basis = projector.init(info, leaf.dtype)
       bases.append(LeafBasis(basis, p.rank, p.layout.matrix_shape))
+      combine_states.append(combine.init(info))
       proxies.append(projector.down(basis, g))
     return LowRankState(
         count=jnp.zeros([], jnp.int32),
         bases=treedef.unflatten(bases),
+        combine_states=treedef.unflatten(combine_states),
         inner_state=inner.init(treedef.unflatten(proxies)),
     )
 
@@ -273,20 +287,23 @@ def lowrank_project(
         **extra_args,
     )
 
-    out = []
-    for g, g2, r, n, b, p in zip(
+    out, new_combine_states = [], []
+    for g, g2, r, n, b, c, p in zip(
         grads, matrices, reduced, treedef.flatten_up_to(inner_updates),
-        new_bases, plans,
+        new_bases, treedef.flatten_up_to(state.combine_states), plans,
     ):
       if p is None:
         out.append(n)
+        new_combine_states.append(c)
         continue
-      u = combine(projector, b.basis, g2, r, n, scale)
+      u, c = combine.apply(projector, b.basis, g2, r, n, scale, c)
       out.append(p.layout.unmatricize(u).astype(g.dtype))
+      new_combine_states.append(c)
 
     new_state = LowRankState(
         count=optax.safe_int32_increment(step),
         bases=treedef.unflatten(new_bases),
+        combine_states=treedef.unflatten(new_combine_states),
         inner_state=inner_state,
     )
     return treedef.unflatten(out), new_state

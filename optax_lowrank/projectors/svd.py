@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from optax_lowrank import shapes
+from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -31,15 +32,6 @@ class TwoSidedBasis(NamedTuple):
 
   u: jax.Array
   vh: jax.Array
-
-
-def _side(proj_type: str, m: int, n: int) -> str:
-  """galore-torch's rule for which side a ``proj_type`` projects."""
-  if proj_type == "std":
-    return "right" if m >= n else "left"
-  if proj_type == "reverse_std":
-    return "left" if m >= n else "right"
-  return proj_type
 
 
 def _canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -84,29 +76,6 @@ def _svd(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return jax.lax.platform_dependent(g, cpu=one_at_a_time, default=batched)
 
 
-# Gradients arrive as ``g`` of shape (batch..., n, m), the transpose of the
-# references' G (m × n); bases keep the references' shapes. The projected
-# gradient keeps g's layout with the projected axis replaced by r: ``Rᵀ`` of
-# the references, (n, r) on the left, (r, m) on the right, (r, r) for both.
-# Written so, each down-projection is a plain (untransposed) matmul of g.
-
-
-def _down_left(u, g):
-  """``(Uᵣᵀ G)ᵀ = g Uᵣ``, (batch..., n, r): the rows m are projected."""
-  spec = shapes.explicit_spec(g)
-  out = None if spec is None else (*spec[:-1], None)
-  return jnp.einsum("...nm,...mr->...nr", g, u.astype(g.dtype),
-                    out_sharding=shapes.out_sharding(out))
-
-
-def _down_right(vh, g):
-  """``(G Vᵣᵀ)ᵀ = Vᵣ g``, (batch..., r, m): the columns n are projected."""
-  spec = shapes.explicit_spec(g)
-  out = None if spec is None else (*spec[:-2], None, spec[-1])
-  return jnp.einsum("...rn,...nm->...rm", vh.astype(g.dtype), g,
-                    out_sharding=shapes.out_sharding(out))
-
-
 def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> Projector:
   """Exact truncated SVD of the gradient, computed in float32.
 
@@ -146,7 +115,7 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
 
   def init(info, dtype):
     dtype = basis_dtype or dtype
-    side = _side(proj_type, info.m, info.n)
+    side = matmul.side(proj_type, info.m, info.n)
     if side == "right":
       return RightBasis(info.zeros("rn", dtype))
     if side == "left":
@@ -173,17 +142,17 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
 
   def down(basis, g):
     if isinstance(basis, RightBasis):
-      return _down_right(basis.vh, g)
+      return matmul.down_right(basis.vh, g)
     if isinstance(basis, LeftBasis):
-      return _down_left(basis.u, g)
-    return _down_right(basis.vh, _down_left(basis.u, g))  # (r, r)
+      return matmul.down_left(basis.u, g)
+    return matmul.down_right(basis.vh, matmul.down_left(basis.u, g))  # (r, r)
 
   def up(basis, r):
     """The update in the gradient's layout, ``(batch..., n, m)``."""
-    if isinstance(basis, RightBasis):  # (R Vᵣ)ᵀ = Vᵣᵀ Rᵀ
-      return jnp.einsum("...rn,...rm->...nm", basis.vh.astype(r.dtype), r)
-    if isinstance(basis, LeftBasis):  # (Uᵣ R)ᵀ = Rᵀ Uᵣᵀ
-      return jnp.einsum("...nr,...mr->...nm", r, basis.u.astype(r.dtype))
+    if isinstance(basis, RightBasis):
+      return matmul.up_right(basis.vh, r)
+    if isinstance(basis, LeftBasis):
+      return matmul.up_left(basis.u, r)
     vr = jnp.einsum("...rn,...rk->...nk", basis.vh.astype(r.dtype), r)
     return jnp.einsum("...nk,...mk->...nm", vr, basis.u.astype(r.dtype))
 

@@ -1,0 +1,64 @@
+"""One-sided projections by a dense matrix, in the parameter's layout.
+
+Gradients arrive as ``g`` of shape ``(batch..., n, m)``, the transpose of the
+references' ``G`` (``m × n``); bases keep the references' shapes: ``u`` is
+``(batch..., m, r)`` (the left side, rows ``m`` projected) and ``vh`` is
+``(batch..., r, n)`` (the right side, columns ``n`` projected). The projected
+gradient keeps ``g``'s layout with the projected axis replaced by ``r``: ``Rᵀ``
+of the references, ``(n, r)`` on the left and ``(r, m)`` on the right, so each
+down-projection is a plain, untransposed matmul of ``g``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from optax_lowrank import shapes
+
+SIDES = ("left", "right")
+
+
+def side(proj_type: str, m: int, n: int) -> str:
+  """galore-torch's rule for the side a ``proj_type`` projects.
+
+  Args:
+    proj_type: ``std`` (compress the smaller side: ``right`` when ``m >= n``),
+      ``reverse_std`` (the opposite), ``left``, ``right`` or ``full``.
+    m: Rows (output size) of the reference-oriented matrix.
+    n: Columns (reduction size).
+
+  Returns:
+    ``left``, ``right`` or ``full``.
+  """
+  if proj_type == "std":
+    return "right" if m >= n else "left"
+  if proj_type == "reverse_std":
+    return "left" if m >= n else "right"
+  return proj_type
+
+
+def down_left(u: jax.Array, g: jax.Array) -> jax.Array:
+  """``(Uᵀ G)ᵀ = g U``, ``(batch..., n, r)``: the rows ``m`` are projected."""
+  spec = shapes.explicit_spec(g)
+  out = None if spec is None else (*spec[:-1], None)
+  return jnp.einsum("...nm,...mr->...nr", g, u.astype(g.dtype),
+                    out_sharding=shapes.out_sharding(out))
+
+
+def down_right(vh: jax.Array, g: jax.Array) -> jax.Array:
+  """``(G Vᵀ)ᵀ = V g``, ``(batch..., r, m)``: the columns ``n`` are projected."""
+  spec = shapes.explicit_spec(g)
+  out = None if spec is None else (*spec[:-2], None, spec[-1])
+  return jnp.einsum("...rn,...nm->...rm", vh.astype(g.dtype), g,
+                    out_sharding=shapes.out_sharding(out))
+
+
+def up_left(u: jax.Array, r: jax.Array) -> jax.Array:
+  """``(U R)ᵀ = Rᵀ Uᵀ``, back to ``(batch..., n, m)``."""
+  return jnp.einsum("...nr,...mr->...nm", r, u.astype(r.dtype))
+
+
+def up_right(vh: jax.Array, r: jax.Array) -> jax.Array:
+  """``(R V)ᵀ = Vᵀ Rᵀ``, back to ``(batch..., n, m)``."""
+  return jnp.einsum("...rn,...rm->...nm", vh.astype(r.dtype), r)
