@@ -1,12 +1,14 @@
 """optax-lowrank: low-rank gradient projection optimizers for Optax."""
 
 from optax_lowrank import combine
+from optax_lowrank import inner
 from optax_lowrank import memory
 from optax_lowrank import projectors
 from optax_lowrank import schedules
-from optax_lowrank.aliases import galore
+from optax_lowrank.aliases import apollo, apollo_mini, fira, frugal, galore
 from optax_lowrank.core import LeafBasis, LowRankState, lowrank_project
 from optax_lowrank.projectors import Projector
+from optax_lowrank.registry import optimizers
 from optax_lowrank.shapes import DimensionNumbers
 
 __version__ = "0.1.0"
@@ -16,10 +18,16 @@ __all__ = [
     "LeafBasis",
     "LowRankState",
     "Projector",
+    "apollo",
+    "apollo_mini",
     "combine",
+    "fira",
+    "frugal",
     "galore",
+    "inner",
     "lowrank_project",
     "memory",
+    "optimizers",
     "projectors",
     "schedules",
 ]

@@ -7,8 +7,33 @@ from typing import Any, Optional, Union
 import jax
 import optax
 
+from optax_lowrank import combine as combine_lib
+from optax_lowrank import inner as inner_lib
+from optax_lowrank import projectors as projectors_lib
 from optax_lowrank import shapes
 from optax_lowrank.core import lowrank_project
+from optax_lowrank.projectors import Projector
+
+
+def _validate_adam(b1, b2, eps, weight_decay):
+  for name, value in (("b1", b1), ("b2", b2)):
+    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+      raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
+  for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+    if isinstance(value, (int, float)) and value < 0.0:
+      raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+
+
+def _projector(projector, names: dict) -> Projector:
+  """``projector`` given by name (one of ``names``) or as a ``Projector``."""
+  if isinstance(projector, Projector):
+    return projector
+  if projector in names:
+    return names[projector]()
+  raise ValueError(
+      f"`projector` must be one of {tuple(names)} or a Projector instance, "
+      f"got {projector!r}"
+  )
 
 
 def galore(
@@ -27,6 +52,7 @@ def galore(
     dimension_numbers: shapes.DimensionNumbersOrFn = None,
     on_refresh: str = "keep",
     stagger: bool = False,
+    projector: Union[str, Projector] = "svd",
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-AdamW: Adam in a low-rank SVD subspace of each weight gradient.
 
@@ -61,6 +87,8 @@ def galore(
     dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
     on_refresh: ``keep`` (reference), ``reset`` or ``rotate``.
     stagger: Spread the leaves' refreshes over the gap.
+    projector: ``"svd"`` (exact SVD with ``proj_type``) or any ``Projector``
+      (then ``proj_type`` is not used).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -78,12 +106,7 @@ def galore(
     Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024; code:
     github.com/jiaweizzhao/GaLore.
   """
-  for name, value in (("b1", b1), ("b2", b2)):
-    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
-      raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
-  for name, value in (("eps", eps), ("weight_decay", weight_decay)):
-    if isinstance(value, (int, float)) and value < 0.0:
-      raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+  _validate_adam(b1, b2, eps, weight_decay)
   return optax.chain(
       lowrank_project(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
@@ -91,10 +114,356 @@ def galore(
           update_proj_gap=update_proj_gap,
           scale=scale,
           proj_type=proj_type,
+          projector=projector,
           mask=mask,
           dimension_numbers=dimension_numbers,
           on_refresh=on_refresh,
           stagger=stagger,
+      ),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def apollo(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 256,
+    *,
+    update_proj_gap: int = 200,
+    scale: Union[float, jax.Array] = 1.0,
+    scale_type: str = "channel",
+    scale_front: bool = False,
+    limiter: bool = True,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    projector: Union[str, Projector] = "random",
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO: SGD-like memory, AdamW-level performance.
+
+  Adam runs on a random projection ``R`` of each weight gradient (Gaussian,
+  entries ``N(0, 1/r)``, redrawn from a key at step 0 and every
+  ``update_proj_gap`` steps and never stored; moments kept across redraws).
+  Its gain ``‖N‖/‖R‖`` per channel (or per tensor) rescales the raw gradient:
+  ``U = √scale · limit(G ⊙ ‖N‖/(‖R‖ + 1e-8))`` (``combine.apollo_scale``).
+  Leaves that are not projected get the same Adam (Hugging Face AdamW).
+
+  Follows apollo-torch, where it differs from the paper: ``scale`` enters as
+  ``√scale``; Adam's bias correction is in the step size and ``eps`` on the
+  uncorrected ``√v`` (``inner.scale_by_adam_uncorrected`` then
+  ``inner.scale_by_bias_correction``), so the gain and the limiter see the
+  uncorrected ``N`` as there. One difference remains, of order
+  ``lr · weight_decay``: weight decay is decoupled on the parameter before the
+  step (``optax.add_decayed_weights``), where apollo-torch decays the updated
+  parameter. The random draws come from JAX keys, not torch's generator.
+
+  Args:
+    learning_rate: A float or an optax schedule (the paper: 0.01, cosine with
+      10% warmup down to 10%).
+    rank: Projection rank (int) or fraction of each matrix's smaller side
+      (the paper: 128 for 60M, 192 for 130M, 256 from 350M up).
+    update_proj_gap: Steps between redraws of the projection.
+    scale: APOLLO's ``scale`` (its square root multiplies the update).
+    scale_type: ``channel`` (APOLLO) or ``tensor`` (APOLLO-Mini).
+    scale_front: Apply ``√scale`` before the limiter (apollo-torch's flag).
+    limiter: Norm-growth limiter with γ = 1.01 (on in the paper's runs).
+    proj_type: Side of the projection, as GaLore's (``std``: the smaller).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, on the uncorrected ``√v``.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected (the paper: attention and MLP).
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    projector: ``"random"``, ``"svd"`` or any ``Projector`` (e.g. fixed
+      matrices).
+    seed: Seed of the random projections.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
+    >>> tx = optax_lowrank.apollo(1e-2, rank=8)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+
+  References:
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, MLSys 2025; code:
+    github.com/zhuhanqing/APOLLO.
+  """
+  _validate_adam(b1, b2, eps, weight_decay)
+  projector = _projector(projector, {
+      "random": lambda: projectors_lib.random(proj_type),
+      "svd": lambda: projectors_lib.svd(proj_type),
+  })
+  return optax.chain(
+      lowrank_project(
+          inner_lib.scale_by_adam_uncorrected(b1, b2, eps),
+          rank,
+          update_proj_gap=update_proj_gap,
+          scale=scale,
+          projector=projector,
+          combine=combine_lib.apollo_scale(
+              scale_type, limiter=limiter, scale_front=scale_front),
+          mask=mask,
+          dimension_numbers=dimension_numbers,
+          seed=seed,
+      ),
+      inner_lib.scale_by_bias_correction(b1, b2),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def apollo_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 1,
+    *,
+    scale: Union[float, jax.Array] = 128.0,
+    scale_front: bool = False,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO-Mini: rank-1 random projection with tensor-wise scaling.
+
+  ``apollo`` with ``rank=1``, ``scale_type="tensor"`` and ``scale=128`` (the
+  paper's runs from 350M up; its 60M and 130M runs use ``scale`` 128 and 192
+  with ``scale_front=True``). The state per projected matrix is a rank-1
+  first and second moment, one key and one limiter norm.
+
+  Args:
+    learning_rate: A float or an optax schedule.
+    rank: Projection rank (1 in the paper).
+    scale: APOLLO's ``scale`` (its square root multiplies the update).
+    scale_front: Apply ``√scale`` before the limiter.
+    **kwargs: Any other argument of ``apollo``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import optax_lowrank
+    >>> tx = optax_lowrank.apollo_mini(1e-2)
+
+  References:
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, MLSys 2025.
+  """
+  kwargs.setdefault("scale_type", "tensor")
+  return apollo(learning_rate, rank, scale=scale, scale_front=scale_front,
+                **kwargs)
+
+
+def fira(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 128,
+    *,
+    update_proj_gap: int = 200,
+    scale: Union[float, jax.Array] = 0.25,
+    proj_type: str = "std",
+    limiter: bool = True,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    projector: Union[str, Projector] = "svd",
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Fira: GaLore plus the gradient outside the subspace, rescaled.
+
+  Adam in GaLore's SVD subspace (``std`` side, refresh at step 0 and every
+  ``update_proj_gap`` steps, moments kept), and the residual the subspace
+  misses, scaled per channel by Adam's gain and norm-growth limited:
+  ``U = scale·up(N) + limit(φ ⊙ (G − scale·up(R)))``,
+  ``φ = ‖N‖/(‖R‖ + 1e-8)`` (``combine.fira_residual``).
+
+  Follows Fira's code where it differs from the paper: ``scale`` (GaLore's
+  alpha) also multiplies the back-projection subtracted in the residual;
+  ``φ`` runs along the side the projection keeps (rows for ``m >= n``);
+  Adam's bias correction is in the step size (so it scales the residual too)
+  and ``eps`` on the uncorrected ``√v``. Remaining difference, of order
+  ``lr · weight_decay``: weight decay is decoupled on the parameter before the
+  step, where Fira decays the updated parameter.
+
+  Args:
+    learning_rate: A float or an optax schedule (the paper: 0.01).
+    rank: Subspace rank (128 for 60M, 256 for 130M/350M, 512 for 1B).
+    update_proj_gap: Steps between SVD refreshes.
+    scale: GaLore's alpha (0.25; 0.0625 for 1B and 7B).
+    proj_type: GaLore's projection type (one-sided: ``std``,
+      ``reverse_std``, ``left`` or ``right``).
+    limiter: Norm-growth limiter (γ = 1.01) on the residual.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, on the uncorrected ``√v``.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected (the paper: attention and MLP).
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    projector: ``"svd"``, ``"random"`` or any one-sided ``Projector``.
+    seed: Seed for random projectors.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import optax_lowrank
+    >>> tx = optax_lowrank.fira(1e-2, rank=128)
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024; code:
+    github.com/xichen-fy/Fira.
+  """
+  _validate_adam(b1, b2, eps, weight_decay)
+  if proj_type == "full":
+    raise ValueError(
+        "`proj_type` 'full' has no channel for Fira's scaling factor; use "
+        "'std', 'reverse_std', 'left' or 'right'"
+    )
+  projector = _projector(projector, {
+      "svd": lambda: projectors_lib.svd(proj_type),
+      "random": lambda: projectors_lib.random(proj_type),
+  })
+  return optax.chain(
+      lowrank_project(
+          inner_lib.scale_by_adam_uncorrected(b1, b2, eps),
+          rank,
+          update_proj_gap=update_proj_gap,
+          scale=scale,
+          projector=projector,
+          combine=combine_lib.fira_residual(limiter=limiter),
+          mask=mask,
+          dimension_numbers=dimension_numbers,
+          seed=seed,
+      ),
+      inner_lib.scale_by_bias_correction(b1, b2),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+FRUGAL_SUBSPACES = ("blocks", "svd", "random", "randperm", "columns", "rows",
+                    "random_k")
+
+
+def frugal(
+    learning_rate: optax.ScalarOrSchedule,
+    density: float = 0.25,
+    *,
+    subspace: Union[str, Projector] = "blocks",
+    update_proj_gap: int = 200,
+    proj_type: str = "std",
+    order: str = "descending",
+    proj_lr_scale: Union[float, jax.Array] = 1.0,
+    state_free_lr_scale: float = 1.0,
+    state_free_rule: str = "sign",
+    reset_statistics: bool = True,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """FRUGAL: AdamW in a subspace, signSGD (state-free) outside it.
+
+  ``U = proj_lr_scale · (up(N) + state_free_lr_scale · sign(G − up(R)))``
+  (``combine.frugal_sign``), with ``N`` from AdamW on ``R = down(G)``. When
+  the subspace changes (step 0 and every ``update_proj_gap`` steps) the
+  subspace's Adam moments and step count restart (``reset_statistics``;
+  always for ``blocks``), as in FRUGAL's code. Leaves that are not projected
+  (embeddings, norms, LM head) get plain AdamW, never reset. Adam is
+  PyTorch's (``eps`` on the corrected ``√v̂``); weight decay is decoupled on
+  the parameter before the step, as in the reference.
+
+  Subspaces (``subspace``): ``blocks`` (the default of FRUGAL's pre-training
+  scripts: ``round(L·density)`` of each stacked leaf's ``L`` layers, walked in
+  ``order``; needs stacked layers, see ``projectors.blocks`` for how this
+  differs from the reference's choice over all tensors), ``svd`` (GaLore's),
+  ``random`` (orthonormal random), ``randperm`` (random columns or rows),
+  with ``round(density · side)`` directions on the side ``proj_type``
+  picks; ``columns``, ``rows``, ``random_k`` (``floor(density · size)``
+  random coordinates); or any ``Projector``.
+
+  Args:
+    learning_rate: A float or an optax schedule (the paper: 1e-3, cosine with
+      10% warmup).
+    density: Fraction of each projected weight kept in the state-full
+      subspace (0.25 in the paper's pre-training runs).
+    subspace: One of ``FRUGAL_SUBSPACES`` or a ``Projector``.
+    update_proj_gap: Steps between subspace changes (200).
+    proj_type: Side for ``svd``, ``random`` and ``randperm``.
+    order: ``descending`` (the scripts), ``ascending`` or ``random`` (the
+      class default), for ``blocks``.
+    proj_lr_scale: FRUGAL's ``proj_params_lr_scale``: multiplies both parts
+      of the projected leaves' update.
+    state_free_lr_scale: FRUGAL's ``inactive_lr_scale``.
+    state_free_rule: ``sign`` (signSGD) or ``sgd``.
+    reset_statistics: Restart Adam in a new subspace (ignored, always on, for
+      ``blocks``).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon (1e-8 in the scripts).
+    weight_decay: Decoupled weight decay (every parameter).
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected (the paper: attention and MLP).
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes
+      (``blocks`` needs the stacked-layer axis as a batch axis).
+    seed: Seed of random subspaces.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import optax_lowrank
+    >>> tx = optax_lowrank.frugal(1e-3, 0.25, subspace="columns")
+
+  References:
+    Zmushko et al., `FRUGAL: Memory-Efficient Optimization by Reducing State
+    Overhead for Scalable Training <https://arxiv.org/abs/2411.07837>`_, ICML
+    2025; code: github.com/fzmushko/FRUGAL.
+  """
+  _validate_adam(b1, b2, eps, weight_decay)
+  if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+    raise ValueError(f"`density` must be in (0, 1], got {density!r}")
+  projector = _projector(subspace, {
+      "blocks": lambda: projectors_lib.blocks(density, order=order),
+      "svd": lambda: projectors_lib.svd(proj_type),
+      "random": lambda: projectors_lib.random(proj_type, std="orthonormal"),
+      "randperm": lambda: projectors_lib.randperm(proj_type),
+      "columns": lambda: projectors_lib.coordinates("columns", density=density),
+      "rows": lambda: projectors_lib.coordinates("rows", density=density),
+      "random_k": lambda: projectors_lib.coordinates(
+          "random_k", density=density),
+  })
+  reset = reset_statistics or subspace == "blocks"
+  return optax.chain(
+      lowrank_project(
+          inner_lib.scale_by_adam_leafwise(b1, b2, eps),
+          float(density),
+          update_proj_gap=update_proj_gap,
+          scale=proj_lr_scale,
+          projector=projector,
+          combine=combine_lib.frugal_sign(
+              state_free_lr_scale, rule=state_free_rule),
+          on_refresh="reset" if reset else "keep",
+          mask=mask,
+          dimension_numbers=dimension_numbers,
+          seed=seed,
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),

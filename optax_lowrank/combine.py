@@ -57,3 +57,241 @@ def back_project() -> CombineRule:
     return scale * projector.up(basis, n), state
 
   return CombineRule(lambda info: (), apply)
+
+
+class NormGrowthLimiter(NamedTuple):
+  """Caps the growth of an update's norm between consecutive steps.
+
+  Attributes:
+    init: ``init(info: MatrixInfo) -> state``, the last norm of each matrix
+      (zeros: nothing to compare with yet).
+    apply: ``apply(u, state) -> (u, state)`` on ``u`` of shape
+      ``(batch..., n, m)``.
+  """
+
+  init: Callable[[MatrixInfo], jax.Array]
+  apply: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def norm_growth_limiter(gamma: float = 1.01) -> NormGrowthLimiter:
+  """Fira's and APOLLO's limiter: ``‖Sₜ‖ ≤ γ·‖Sₜ₋₁‖`` per matrix.
+
+  As in both reference codes: the first step is not limited; afterwards
+  ``S ← S / λ`` with ``λ = max(‖S‖ / (c + 1e-8), γ) / γ``, where ``c`` is
+  the previous step's norm after limiting, and ``c ← ‖S‖ / λ``. A stored
+  norm of exactly zero counts as "no previous step".
+
+  Args:
+    gamma: Largest allowed growth factor of the norm per step (> 1).
+
+  Returns:
+    A ``NormGrowthLimiter``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> limiter = optax_lowrank.combine.norm_growth_limiter(1.01)
+    >>> s, c = limiter.apply(jnp.ones((2, 3)), jnp.float32(1.0))
+    >>> round(float(jnp.linalg.norm(s)), 4)  # capped at 1.01 · (1 + 1e-8)
+    1.01
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024, Eq. 9.
+  """
+  if not gamma > 1.0:
+    raise ValueError(f"`gamma` must be > 1, got {gamma!r}")
+
+  def init(info):
+    return info.zeros("", jnp.float32)
+
+  def apply(u, last):
+    norm = jnp.sqrt(jnp.sum(jnp.square(u.astype(jnp.float32)), axis=(-2, -1)))
+    limit = jnp.maximum(norm / (last + 1e-8), gamma) / gamma
+    limit = jnp.where(last > 0, limit, 1.0)
+    return u / limit[..., None, None].astype(u.dtype), norm / limit
+
+  return NormGrowthLimiter(init, apply)
+
+
+def _channel_norm_axis(g: jax.Array, r: jax.Array) -> int:
+  """The axis of ``r`` the projection shortened (its norm runs along it).
+
+  Channels are the other axis, the one ``r`` keeps at full size: rows ``m``
+  for a right projection, columns ``n`` for a left one, which is the
+  references' ``norm_dim`` rule for the ``std`` orientation.
+  """
+  if r.shape[-1] == g.shape[-1] and r.shape[-2] != g.shape[-2]:
+    return -2
+  if r.shape[-2] == g.shape[-2] and r.shape[-1] != g.shape[-1]:
+    return -1
+  raise ValueError(
+      "Channel-wise scaling needs a one-sided projection (R keeps one side of "
+      f"G at full size); got G of layout shape {g.shape} and R {r.shape}. "
+      "Use a one-sided projector or tensor-wise scaling."
+  )
+
+
+def _norm(x, axis):
+  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis,
+                          keepdims=True))
+
+
+def _ratio(n, r, axis):
+  """``‖N‖ / (‖R‖ + 1e-8)`` along ``axis``, as both references compute it."""
+  return _norm(n, axis) / (_norm(r, axis) + 1e-8)
+
+
+SCALE_TYPES = ("channel", "tensor")
+
+
+def apollo_scale(
+    scale_type: str = "channel",
+    *,
+    limiter: bool = True,
+    gamma: float = 1.01,
+    scale_front: bool = False,
+) -> CombineRule:
+  """APOLLO: the raw gradient scaled by the subspace optimizer's gain.
+
+  ``U = √scale · limit(G ⊙ s)`` with ``s = ‖N‖ / (‖R‖ + 1e-8)`` per channel
+  (the side the projection keeps: rows for a right projection, columns for a
+  left one) or per matrix (``tensor``, APOLLO-Mini). As in apollo-torch,
+  ``scale`` enters as its square root, after the limiter unless
+  ``scale_front`` (the reference's flag of the same name, used for its 60M and
+  130M APOLLO-Mini runs). The back-projection of ``N`` is never formed.
+
+  Args:
+    scale_type: ``channel`` or ``tensor``.
+    limiter: Apply the norm-growth limiter (on in all the paper's runs).
+    gamma: The limiter's growth bound.
+    scale_front: Multiply by ``√scale`` before the limiter instead of after.
+
+  Returns:
+    A ``CombineRule``.
+
+  Example:
+    >>> import optax, optax_lowrank
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax_lowrank.inner.scale_by_adam_uncorrected(), rank=4,
+    ...     projector=optax_lowrank.projectors.random(),
+    ...     combine=optax_lowrank.combine.apollo_scale("channel"))
+
+  References:
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, MLSys 2025; code:
+    github.com/zhuhanqing/APOLLO (``apollo_torch/apollo.py``).
+  """
+  if scale_type not in SCALE_TYPES:
+    raise ValueError(
+        f"`scale_type` must be one of {SCALE_TYPES}, got {scale_type!r}"
+    )
+  limit = norm_growth_limiter(gamma) if limiter else None
+
+  def init(info):
+    return limit.init(info) if limit else ()
+
+  def apply(projector, basis, g, r, n, scale, state):
+    del projector, basis
+    if scale_type == "channel":
+      s = _ratio(n, r, _channel_norm_axis(g, r))
+    else:
+      s = _ratio(n, r, (-2, -1))
+    u = g.astype(jnp.float32) * s
+    root = jnp.sqrt(jnp.asarray(scale, jnp.float32))
+    if scale_front:
+      u = root * u
+    if limit:
+      u, state = limit.apply(u, state)
+    if not scale_front:
+      u = root * u
+    return u, state
+
+  return CombineRule(init, apply)
+
+
+def fira_residual(*, limiter: bool = True, gamma: float = 1.01) -> CombineRule:
+  """Fira: back-projection plus the scaled residual outside the subspace.
+
+  ``U = scale·up(N) + limit(φ ⊙ (G − scale·up(R)))`` with
+  ``φ = ‖N‖ / (‖R‖ + 1e-8)`` per channel (the side the projection keeps).
+  As in Fira's code, ``scale`` (GaLore's ``alpha``) multiplies the
+  back-projection inside the residual too, so for ``scale != 1`` the residual
+  is not the orthogonal complement; the paper writes ``G − P R``.
+
+  Args:
+    limiter: Apply the norm-growth limiter to the residual term.
+    gamma: The limiter's growth bound.
+
+  Returns:
+    A ``CombineRule``.
+
+  Example:
+    >>> import optax, optax_lowrank
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax_lowrank.inner.scale_by_adam_uncorrected(), rank=4,
+    ...     combine=optax_lowrank.combine.fira_residual())
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024; code:
+    github.com/xichen-fy/Fira (``fira_adamw.py``).
+  """
+  limit = norm_growth_limiter(gamma) if limiter else None
+
+  def init(info):
+    return limit.init(info) if limit else ()
+
+  def apply(projector, basis, g, r, n, scale, state):
+    phi = _ratio(n, r, _channel_norm_axis(g, r))
+    residual = phi * (g.astype(jnp.float32)
+                      - scale * projector.up(basis, r).astype(jnp.float32))
+    if limit:
+      residual, state = limit.apply(residual, state)
+    return scale * projector.up(basis, n) + residual, state
+
+  return CombineRule(init, apply)
+
+
+RESIDUAL_RULES = ("sign", "sgd")
+
+
+def frugal_sign(lr_scale: float = 1.0, *, rule: str = "sign") -> CombineRule:
+  """FRUGAL: state-full update in the subspace, state-free outside it.
+
+  ``U = scale · (up(N) + lr_scale · sign(G − up(R)))``: the inner optimizer's
+  output back in the full space, plus signSGD on the residual. ``scale`` is
+  FRUGAL's ``proj_params_lr_scale`` (it multiplies both parts) and
+  ``lr_scale`` its ``inactive_lr_scale``; the outer learning rate multiplies
+  everything.
+
+  Args:
+    lr_scale: Learning-rate multiplier of the state-free part.
+    rule: ``sign`` (signSGD, the paper's) or ``sgd`` (plain SGD on the
+      residual).
+
+  Returns:
+    A ``CombineRule``.
+
+  Example:
+    >>> import optax, optax_lowrank
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax_lowrank.inner.scale_by_adam_leafwise(), rank=4,
+    ...     on_refresh="reset", combine=optax_lowrank.combine.frugal_sign())
+
+  References:
+    Zmushko et al., `FRUGAL: Memory-Efficient Optimization by Reducing State
+    Overhead for Scalable Training <https://arxiv.org/abs/2411.07837>`_, ICML
+    2025; code: github.com/fzmushko/FRUGAL.
+  """
+  if rule not in RESIDUAL_RULES:
+    raise ValueError(f"`rule` must be one of {RESIDUAL_RULES}, got {rule!r}")
+  if isinstance(lr_scale, (int, float)) and lr_scale < 0:
+    raise ValueError(f"`lr_scale` must be >= 0, got {lr_scale!r}")
+
+  def apply(projector, basis, g, r, n, scale, state):
+    residual = g - projector.up(basis, r).astype(g.dtype)
+    if rule == "sign":
+      residual = jnp.sign(residual)
+    return scale * (projector.up(basis, n) + lr_scale * residual), state
+
+  return CombineRule(lambda info: (), apply)

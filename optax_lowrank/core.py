@@ -134,8 +134,9 @@ def lowrank_project(
       (one for all, a pytree with ``None`` leaves, or a function of the
       parameters). Axes they do not name are batch axes.
     on_refresh: What happens to the inner moments of a refreshed leaf:
-      ``keep`` (galore-torch), ``reset`` or ``rotate`` (the first moment is
-      re-expressed in the new basis).
+      ``keep`` (galore-torch), ``reset``, ``transfer`` (Flora: the first
+      moment becomes ``down(new, up(old, M))``) or ``rotate`` (the same map;
+      for orthonormal bases it re-expresses the moment in the new basis).
     stagger: Spread the leaves' refreshes over the gap (see
       ``schedules.every``).
     combine: The combine rule building the full-space update from the
@@ -203,9 +204,13 @@ def lowrank_project(
           p.layout.batch_shape, p.layout.m, p.layout.n, p.rank,
           shapes.explicit_spec(g),
       )
-      basis = projector.init(info, leaf.dtype)
+      try:
+        basis = projector.init(info, leaf.dtype)
+        combine_state = combine.init(info)
+      except ValueError as e:
+        raise ValueError(f"Leaf {p.path} of shape {leaf.shape}: {e}") from None
       bases.append(LeafBasis(basis, p.rank, p.layout.matrix_shape))
-      combine_states.append(combine.init(info))
+      combine_states.append(combine_state)
       proxies.append(projector.down(basis, g))
     return LowRankState(
         count=jnp.zeros([], jnp.int32),
@@ -217,9 +222,15 @@ def lowrank_project(
   def refresh_leaf(g, basis, key, step):
     new = projector.refresh(g.astype(jnp.float32), basis, key, step)
     finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
+    batch = finite.shape
 
     def keep_if_not_finite(new_leaf, old_leaf):
-      ok = finite.reshape(finite.shape + (1,) * (old_leaf.ndim - finite.ndim))
+      # Per matrix where the basis has one entry per matrix (SVD vectors,
+      # indices); otherwise (one key, a block choice) for the whole leaf.
+      if old_leaf.ndim > len(batch) and old_leaf.shape[:len(batch)] == batch:
+        ok = finite.reshape(batch + (1,) * (old_leaf.ndim - len(batch)))
+      else:
+        ok = jnp.all(finite)
       new_leaf = shapes.reshard_like(new_leaf.astype(old_leaf.dtype), old_leaf)
       return jnp.where(ok, new_leaf, old_leaf)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-ON_REFRESH = ("keep", "reset", "rotate")
+ON_REFRESH = ("keep", "reset", "transfer", "rotate")
 # Field names optax uses for first moments (scale_by_adam, lion, trace, ...).
 FIRST_MOMENT_FIELDS = ("mu", "trace", "momentum")
 
@@ -32,7 +32,7 @@ def _param_index_per_state_leaf(inner, inner_state, treedef) -> list[int]:
     )
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
-        "`on_refresh` 'reset' and 'rotate' need an inner transform whose init "
+        "`on_refresh` 'reset', 'transfer' and 'rotate' need an inner transform whose init "
         "accepts optax's parameter placeholder (optax.tree.map_params); this "
         f"one failed with: {e!r}. Use on_refresh='keep'."
     ) from e
@@ -61,8 +61,10 @@ def apply_on_refresh(
   Args:
     policy: ``keep`` (galore-torch: moments carry over unchanged), ``reset``
       (the leaf's parameter-shaped state is re-initialized; shared counters are
-      kept) or ``rotate`` (first moments are mapped through the change of basis,
-      ``M ← down(new, up(old, M))``; second moments are kept).
+      kept), ``transfer`` (Flora: first moments are mapped through the change
+      of subspace, ``M ← down(new, up(old, M))``; second moments are kept) or
+      ``rotate``, the same map under the name it has for orthonormal bases
+      (where it re-expresses ``M`` in the new basis).
     inner: The inner transform.
     inner_state: Its state, before the current gradient is added.
     treedef: Tree definition of the parameters.

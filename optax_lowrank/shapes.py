@@ -237,6 +237,7 @@ class LeafPlan:
   index: int  # position among the projected leaves, for staggering
   layout: MatrixLayout
   rank: int
+  path: str  # the leaf's key path, for error messages
 
 
 def resolve_rank(rank: Union[int, float], m: int, n: int) -> int:
@@ -320,6 +321,6 @@ def plan_leaves(
     if min(layout.m, layout.n) <= r:
       plans.append(None)
       continue
-    plans.append(LeafPlan(count, layout, r))
+    plans.append(LeafPlan(count, layout, r, where))
     count += 1
   return plans, treedef

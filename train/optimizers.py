@@ -54,8 +54,15 @@ def _from_library(factory: Callable) -> Factory:
                    weight_decay=args.weight_decay, mask=mask, dimension_numbers=dims)
     params = inspect.signature(factory).parameters
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in offered.items() if takes_all or k in params}
-    return factory(schedule, **kwargs)
+    # Unset low-rank flags (None) leave the optimizer's own defaults in place.
+    kwargs = {k: v for k, v in offered.items()
+              if v is not None and (takes_all or k in params)}
+    extra = dict(getattr(args, "opt_args", None) or {})
+    unknown = sorted(k for k in extra if not takes_all and k not in params)
+    if unknown:
+      raise ValueError(f"--opt-args: {factory.__name__} takes no {unknown}; it takes "
+                       f"{sorted(k for k in params if k != 'learning_rate')}")
+    return factory(schedule, **{**kwargs, **extra})
   return build
 
 

@@ -12,6 +12,7 @@ names); the command line wins. Bad flags fail with one line before anything comp
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -30,6 +31,20 @@ def _rank(text: str) -> int | float:
     raise argparse.ArgumentTypeError(f"expected a positive int or a fraction in (0, 1), "
                                      f"got {text!r}")
   return int(value) if "." not in text and value == int(value) else value
+
+
+def _opt_args(text: str) -> dict:
+  """`density=0.5,projector='random'` → {"density": 0.5, "projector": "random"}."""
+  out = {}
+  for item in filter(None, text.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip().isidentifier():
+      raise argparse.ArgumentTypeError(f"expected K=V pairs separated by commas, got {item!r}")
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value.strip()  # a bare word is a string
+  return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,10 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--b2", type=float, default=0.999)
   g.add_argument("--eps", type=float, default=1e-6)
   g.add_argument("--clip", type=float, default=1.0, help="global-norm clip (0: off)")
-  g.add_argument("--rank", type=_rank, default=128, help="low-rank: int or fraction")
-  g.add_argument("--update-proj-gap", type=int, default=200)
-  g.add_argument("--scale", type=float, default=0.25)
-  g.add_argument("--proj-type", default="std")
+  g.add_argument("--rank", type=_rank, default=None,
+                 help="low-rank: int or fraction (default: the optimizer's)")
+  g.add_argument("--update-proj-gap", type=int, default=None,
+                 help="steps between subspace refreshes (default: the optimizer's)")
+  g.add_argument("--scale", type=float, default=None, help="default: the optimizer's")
+  g.add_argument("--proj-type", default=None, help="default: the optimizer's")
+  g.add_argument("--opt-args", type=_opt_args, default={}, metavar="K=V,...",
+                 help="more keyword arguments of the optimizer, e.g. density=0.5")
   g = p.add_argument_group("run")
   g.add_argument("--steps", type=int, default=1000)
   g.add_argument("--batch-size", type=int, default=32, help="global sequences per step")
@@ -115,7 +134,7 @@ def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None
       error(f"--{flag.replace('_', '-')}: choose from float32, bfloat16, float16")
   for flag in ("steps", "batch_size", "micro_batches", "eval_every", "eval_batches",
                "update_proj_gap", "keep"):
-    if getattr(args, flag) <= 0:
+    if getattr(args, flag) is not None and getattr(args, flag) <= 0:
       error(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag)}")
   if not 0 <= args.warmup < 1:
     error(f"--warmup: a fraction in [0, 1), got {args.warmup}")
@@ -235,8 +254,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   graphdef, abstract = steps.abstract_model(cfg)
   abstract_params = pure_dict(nnx.state(abstract, nnx.Param))
   mask, dims = lowrank_spec(abstract_params, cfg)
-  tx = optimizers.build(args.optimizer, args, schedule, mask, dims)
-  init, abstract_state, shardings, _ = steps.state_shardings(cfg, tx, mesh)
+  try:  # bad optimizer arguments surface here, as one line naming the parameter
+    tx = optimizers.build(args.optimizer, args, schedule, mask, dims)
+    init, abstract_state, shardings, _ = steps.state_shardings(cfg, tx, mesh)
+  except ValueError as e:
+    sys.exit(f"python -m train.pretrain: error: --optimizer {args.optimizer}: {e}")
   sizes = jax.tree.leaves(jax.tree.map(lambda x: x.size, abstract_params))
   projected = sum(x.size for x, m in zip(jax.tree.leaves(abstract_params),
                                          jax.tree.leaves(mask)) if m)

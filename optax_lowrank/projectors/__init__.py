@@ -1,6 +1,9 @@
 """Subspace finders, one module each, all implementing ``Projector``."""
 
 from optax_lowrank.projectors.base import Basis, Projector
+from optax_lowrank.projectors.blocks import BlockBasis, blocks
+from optax_lowrank.projectors.coordinates import IndexBasis, coordinates, randperm
+from optax_lowrank.projectors.random import KeyBasis, random
 from optax_lowrank.projectors.svd import (
     PROJ_TYPES,
     LeftBasis,
@@ -11,10 +14,17 @@ from optax_lowrank.projectors.svd import (
 
 __all__ = [
     "Basis",
+    "BlockBasis",
+    "IndexBasis",
+    "KeyBasis",
     "LeftBasis",
     "PROJ_TYPES",
     "Projector",
     "RightBasis",
     "TwoSidedBasis",
+    "blocks",
+    "coordinates",
+    "random",
+    "randperm",
     "svd",
 ]

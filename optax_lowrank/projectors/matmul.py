@@ -24,7 +24,9 @@ def side(proj_type: str, m: int, n: int) -> str:
 
   Args:
     proj_type: ``std`` (compress the smaller side: ``right`` when ``m >= n``),
-      ``reverse_std`` (the opposite), ``left``, ``right`` or ``full``.
+      ``reverse_std`` (the opposite), ``smaller`` (the smaller side, but the
+      rows ``m`` on a tie: Flora's optax rule), ``left``, ``right`` or
+      ``full``.
     m: Rows (output size) of the reference-oriented matrix.
     n: Columns (reduction size).
 
@@ -35,6 +37,8 @@ def side(proj_type: str, m: int, n: int) -> str:
     return "right" if m >= n else "left"
   if proj_type == "reverse_std":
     return "left" if m >= n else "right"
+  if proj_type == "smaller":
+    return "right" if n < m else "left"
   return proj_type
 
 

@@ -1,0 +1,15 @@
+"""The registry of ready optimizers: name → factory ``f(learning_rate, ...)``.
+
+Training programs look optimizers up here (``optax_lowrank.optimizers``), so a
+new alias is usable by name without touching them.
+"""
+
+from optax_lowrank import aliases
+
+optimizers = {
+    "galore": aliases.galore,
+    "apollo": aliases.apollo,
+    "apollo_mini": aliases.apollo_mini,
+    "fira": aliases.fira,
+    "frugal": aliases.frugal,
+}

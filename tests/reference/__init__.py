@@ -1,0 +1,1 @@
+"""Independent float64 NumPy reference implementations of the published optimizers."""
