@@ -1,11 +1,12 @@
 """optax-lowrank: low-rank gradient projection optimizers for Optax."""
 
+from optax_lowrank import blockwise
 from optax_lowrank import combine
 from optax_lowrank import inner
 from optax_lowrank import memory
 from optax_lowrank import projectors
 from optax_lowrank import schedules
-from optax_lowrank.aliases import apollo, apollo_mini, fira, frugal, galore
+from optax_lowrank.aliases import apollo, apollo_mini, fira, flora, frugal, galore
 from optax_lowrank.core import LeafBasis, LowRankState, lowrank_project
 from optax_lowrank.projectors import Projector
 from optax_lowrank.registry import optimizers
@@ -20,8 +21,10 @@ __all__ = [
     "Projector",
     "apollo",
     "apollo_mini",
+    "blockwise",
     "combine",
     "fira",
+    "flora",
     "frugal",
     "galore",
     "inner",

@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 import jax
 import optax
 
+from optax_lowrank import blockwise
 from optax_lowrank import combine as combine_lib
 from optax_lowrank import inner as inner_lib
 from optax_lowrank import projectors as projectors_lib
@@ -467,4 +468,124 @@ def frugal(
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def flora(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    *,
+    kappa: int = 1000,
+    b1: float = 0.9,
+    b2: float = 0.8,
+    eps: float = 1e-30,
+    clipping_threshold: Optional[float] = 1.0,
+    multiply_by_parameter_scale: bool = True,
+    min_dim_size_to_factor: int = 128,
+    factorized_second_moment: bool = True,
+    momentum_dtype: Any = jax.numpy.bfloat16,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Flora: Adafactor with momentum compressed by a resampled random projection.
+
+  As the authors' optax code, per step: Adafactor's factored second moment of
+  the raw gradient normalizes it (``U = G / √V̂``, ``optax.scale_by_factored_rms``
+  with decay ``1 − (t+1)^(−b2)``); the momentum of ``U`` is kept compressed,
+  ``M ← b1·M + (1 − b1)·down(U)`` in a random subspace (entries
+  ``N(0, 1/r)``, the smaller side of each matrix, redrawn every ``kappa``
+  steps from a key, never stored); the output ``b1·up(M) + (1 − b1)·U`` is
+  clipped to RMS ``clipping_threshold`` per matrix, multiplied by the
+  learning rate and by ``max(rms(W), 1e-3)``, then weight decay ``wd·W`` is
+  added (not multiplied by the learning rate) and the sign flipped. Only
+  matrices with ``min(m, n) >= min_dim_size_to_factor`` and
+  ``max(m, n) <= 4·min(m, n)`` are compressed; the others keep a full
+  momentum.
+
+  Differences from the optax code, by choice: on a redraw the momentum is
+  transferred as in the paper and the torch code,
+  ``M ← down(new, up(old, M))`` (``on_refresh="transfer"``); the optax code
+  maps it through the old projection twice, which multiplies it by about
+  ``min(m, n)/r`` at every redraw. The momentum is stored in
+  ``momentum_dtype`` (bfloat16, as there) but the arithmetic is float32. Block
+  RMS values are per matrix for stacked layers (``blockwise``). The random
+  draws come from JAX keys split differently from the reference's.
+
+  Args:
+    learning_rate: A float or an optax schedule.
+    rank: Rank ``tau`` of the compressed momentum (the authors' configs: 128).
+    kappa: Steps between redraws of the projection (1000).
+    b1: Momentum decay.
+    b2: Exponent of Adafactor's decay ``1 − (t+1)^(−b2)`` (the configs: 0.8).
+    eps: Adafactor's epsilon, added to ``G²``.
+    clipping_threshold: Update clipping by RMS; ``None`` turns it off.
+    multiply_by_parameter_scale: Scale by ``max(rms(W), 1e-3)``.
+    min_dim_size_to_factor: Smallest side for factoring and compressing.
+    factorized_second_moment: Factor the second moment (else full).
+    momentum_dtype: Storage dtype of the momentum.
+    weight_decay: Added as ``wd·W`` after the learning rate.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be compressed.
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    seed: Seed of the random projections.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import optax_lowrank
+    >>> tx = optax_lowrank.flora(1e-3, rank=128, kappa=1000)
+
+  References:
+    Hao et al., `Flora: Low-Rank Adapters Are Secretly Gradient Compressors
+    <https://arxiv.org/abs/2402.03293>`_, ICML 2024; code:
+    github.com/BorealisAI/flora-opt.
+  """
+  if isinstance(b1, (int, float)) and not 0.0 <= b1 < 1.0:
+    raise ValueError(f"`b1` must be in [0, 1), got {b1!r}")
+  if not (isinstance(b2, (int, float)) and b2 > 0.0):
+    raise ValueError(f"`b2` (a decay exponent) must be > 0, got {b2!r}")
+  for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+    if isinstance(value, (int, float)) and value < 0.0:
+      raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+  if clipping_threshold is not None and not clipping_threshold > 0:
+    raise ValueError(
+        f"`clipping_threshold` must be positive or None, got "
+        f"{clipping_threshold!r}")
+
+  def compressed(params):
+    plans, treedef = shapes.plan_leaves(
+        params, rank=rank, mask=mask, dimension_numbers=dimension_numbers)
+    return treedef.unflatten([
+        p is not None
+        and min(p.layout.m, p.layout.n) >= min_dim_size_to_factor
+        and max(p.layout.m, p.layout.n) <= 4 * min(p.layout.m, p.layout.n)
+        for p in plans
+    ])
+
+  return optax.chain(
+      optax.scale_by_factored_rms(
+          factored=factorized_second_moment, decay_rate=b2, epsilon=eps,
+          min_dim_size_to_factor=min_dim_size_to_factor),
+      lowrank_project(
+          inner_lib.ema_nesterov(b1, momentum_dtype=momentum_dtype),
+          rank,
+          update_proj_gap=kappa,
+          projector=projectors_lib.random("smaller"),
+          combine=combine_lib.add_residual(1.0 - b1),
+          on_refresh="transfer",
+          mask=compressed,
+          dimension_numbers=dimension_numbers,
+          seed=seed,
+      ),
+      (blockwise.clip_by_matrix_rms(clipping_threshold, dimension_numbers)
+       if clipping_threshold is not None else optax.identity()),
+      optax.scale_by_learning_rate(learning_rate, flip_sign=False),
+      (blockwise.scale_by_param_matrix_rms(1e-3, dimension_numbers)
+       if multiply_by_parameter_scale else optax.identity()),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale(-1.0),
   )

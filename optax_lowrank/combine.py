@@ -10,7 +10,7 @@ per leaf (the norm-growth limiter's last norm, a factored second moment).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -293,5 +293,36 @@ def frugal_sign(lr_scale: float = 1.0, *, rule: str = "sign") -> CombineRule:
     if rule == "sign":
       residual = jnp.sign(residual)
     return scale * (projector.up(basis, n) + lr_scale * residual), state
+
+  return CombineRule(lambda info: (), apply)
+
+
+def add_residual(weight: Union[float, jax.Array]) -> CombineRule:
+  """``U = scale · up(N) + weight · (G − up(R))`` (stateless).
+
+  With ``inner.ema_nesterov(b1)`` (``N = b1·M + (1 − b1)·R``) and
+  ``weight = 1 − b1`` this is Flora's output ``b1·up(M) + (1 − b1)·G``, whatever
+  the projection: the current gradient enters at full rank, the momentum
+  through the subspace.
+
+  Args:
+    weight: Multiplier of the residual the subspace misses.
+
+  Returns:
+    A ``CombineRule``.
+
+  Example:
+    >>> import optax_lowrank
+    >>> rule = optax_lowrank.combine.add_residual(0.1)
+
+  References:
+    Hao et al., `Flora: Low-Rank Adapters Are Secretly Gradient Compressors
+    <https://arxiv.org/abs/2402.03293>`_, ICML 2024; code:
+    github.com/BorealisAI/flora-opt (``optax`` version).
+  """
+
+  def apply(projector, basis, g, r, n, scale, state):
+    residual = g - projector.up(basis, r).astype(g.dtype)
+    return scale * projector.up(basis, n) + weight * residual, state
 
   return CombineRule(lambda info: (), apply)

@@ -12,4 +12,5 @@ optimizers = {
     "apollo_mini": aliases.apollo_mini,
     "fira": aliases.fira,
     "frugal": aliases.frugal,
+    "flora": aliases.flora,
 }

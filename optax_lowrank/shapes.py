@@ -247,7 +247,7 @@ def resolve_rank(rank: Union[int, float], m: int, n: int) -> int:
   return int(rank)
 
 
-def _resolve_tree(spec_or_fn, tree, is_spec_leaf):
+def resolve_per_leaf(spec_or_fn, tree, is_spec_leaf):
   """A per-leaf option given once, as a tree, or as a function of ``tree``."""
   if callable(spec_or_fn) and not isinstance(spec_or_fn, DimensionNumbers):
     spec_or_fn = spec_or_fn(tree)
@@ -292,10 +292,10 @@ def plan_leaves(
     A list with a ``LeafPlan`` or ``None`` per leaf, and the tree definition.
   """
   leaves_with_path, treedef = jax.tree.flatten_with_path(params)
-  masks = _resolve_tree(
+  masks = resolve_per_leaf(
       True if mask is None else mask, params, lambda x: isinstance(x, bool)
   )
-  dims_list = _resolve_tree(
+  dims_list = resolve_per_leaf(
       dimension_numbers,
       params,
       lambda x: x is None or isinstance(x, DimensionNumbers),
