@@ -1,0 +1,235 @@
+"""Each alias's optimizer state, byte for byte, against its method's definition.
+
+``memory.state_bytes`` measures the state through ``jax.eval_shape``; here every
+alias's state is also written down from the method (what its paper and
+reference code keep per weight matrix) and the two must agree exactly, per
+parameter leaf and in total, for float32 and bfloat16 parameters.
+
+The parameter tree has a kernel with ``m > n``, one with ``m < n`` (Flax
+``(in, out)`` kernels: ``n`` is the reduction/input size, ``m`` the output
+size, as in ``DimensionNumbers``), a stack of 3 kernels with
+``DimensionNumbers(1, 2)`` (a leading layers axis) and a bias vector. Leaves
+that are not projected keep their method's full state (two Adam moments).
+A registered optimizer without a formula here is reported as skipped.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import optax_lowrank as ol
+
+SHAPES = {
+    "wide": (24, 40),      # (in, out): n = 24, m = 40, m > n
+    "tall": (40, 24),      # n = 40, m = 24, m < n
+    "stack": (3, 20, 36),  # 3 matrices with n = 20, m = 36
+    "bias": (24,),
+}
+DIMS = {"wide": None, "tall": None, "stack": ol.DimensionNumbers(1, 2),
+        "bias": None}
+MATRICES = ("wide", "tall", "stack")
+RANK = 8
+INT32 = 4
+FLOAT32 = 4
+KEY = 2 * 4  # one raw PRNG key, uint32[2]
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def _matrices(name):
+  """``(batch, m, n)``: how many matrices a leaf holds and their size."""
+  *batch, n, m = SHAPES[name]
+  return math.prod(batch), m, n
+
+
+def _full_adam(name, s):
+  """Two moments of the parameter's shape."""
+  return 2 * math.prod(SHAPES[name]) * s
+
+
+def _moments(name, r, s):
+  """Two moments of GaLore's ``std`` projection: ``m×r`` if ``m >= n``, else
+  ``r×n`` (the smaller side is compressed, the larger kept)."""
+  b, m, n = _matrices(name)
+  return 2 * b * r * (m if m >= n else n) * s
+
+
+def _svd_basis(name, r, s):
+  """``Vh[:r]`` (``r×n``) if ``m >= n`` else ``U[:, :r]`` (``m×r``), in the
+  parameters' dtype (galore-torch keeps it in the parameter's dtype)."""
+  b, m, n = _matrices(name)
+  return b * r * (n if m >= n else m) * s
+
+
+def _limiter(name):
+  """The norm-growth limiter's previous norm: one float32 per matrix."""
+  return _matrices(name)[0] * FLOAT32
+
+
+def galore(s):
+  per_leaf = {k: _moments(k, RANK, s) + _svd_basis(k, RANK, s)
+              for k in MATRICES}
+  per_leaf["bias"] = _full_adam("bias", s)
+  # lowrank_project's step count and scale_by_adam's.
+  return per_leaf, 2 * INT32
+
+
+def apollo(s, rank=RANK):
+  # Moments of the random projection (same side rule as GaLore); the matrix
+  # itself is never stored, only one key per leaf (the stack draws its three
+  # matrices from one key); the limiter's norm per matrix.
+  per_leaf = {k: _moments(k, rank, s) + KEY + _limiter(k) for k in MATRICES}
+  per_leaf["bias"] = _full_adam("bias", s)
+  # lowrank_project's count, scale_by_adam_uncorrected's count, and
+  # scale_by_bias_correction's count.
+  return per_leaf, 3 * INT32
+
+
+def apollo_mini(s):
+  return apollo(s, rank=1)
+
+
+def fira(s):
+  per_leaf = {k: _moments(k, RANK, s) + _svd_basis(k, RANK, s) + _limiter(k)
+              for k in MATRICES}
+  per_leaf["bias"] = _full_adam("bias", s)
+  # As APOLLO: lowrank count, uncorrected Adam's count, bias-correction count.
+  return per_leaf, 3 * INT32
+
+
+def frugal_blocks(s, density):
+  """Adam on ``round(L·density)`` of the stack's ``L`` matrices, whole."""
+  b, m, n = _matrices("stack")
+  k = round(b * density)
+  per_leaf = {"stack": 2 * k * m * n * s + k * INT32 + INT32}  # indices, start
+  for name in ("wide", "tall", "bias"):  # masked out: plain AdamW
+    per_leaf[name] = _full_adam(name, s)
+  for name in per_leaf:  # scale_by_adam_leafwise: one count per leaf
+    per_leaf[name] += INT32
+  return per_leaf, INT32  # lowrank_project's count
+
+
+def frugal_columns(s, density):
+  """Adam on ``floor(n·density)`` columns of each ``m×n`` matrix."""
+  per_leaf = {}
+  for name in MATRICES:
+    b, m, n = _matrices(name)
+    k = math.floor(n * density)
+    per_leaf[name] = 2 * b * k * m * s + b * k * INT32  # moments, indices
+  per_leaf["bias"] = _full_adam("bias", s)
+  for name in per_leaf:
+    per_leaf[name] += INT32
+  return per_leaf, INT32
+
+
+def frugal_svd(s, density):
+  """GaLore's subspace with ``r = round(density·min(m, n))``."""
+  per_leaf = {}
+  for name in MATRICES:
+    _, m, n = _matrices(name)
+    r = round(density * min(m, n))
+    per_leaf[name] = _moments(name, r, s) + _svd_basis(name, r, s)
+  per_leaf["bias"] = _full_adam("bias", s)
+  for name in per_leaf:
+    per_leaf[name] += INT32
+  return per_leaf, INT32
+
+
+def flora(s, min_dim, momentum_size):
+  """Adafactor's second moment of the raw gradient, and a momentum compressed
+  to ``r×max(m, n)`` (the smaller side, by a key-drawn random matrix) for
+  matrices with ``min(m, n) >= min_dim`` and ``max(m, n) <= 4·min(m, n)``,
+  stored in the momentum dtype; a full momentum for everything else.
+
+  optax's Adafactor factors a leaf over its two largest axes when the smaller
+  of them is ``>= min_dim``: a row and a column statistic (the leaf's shape
+  less one of those axes each) and a ``(1,)`` placeholder for ``v``;
+  otherwise ``v`` is full and the two statistics are ``(1,)`` placeholders.
+  """
+  per_leaf = {}
+  for name, shape in SHAPES.items():
+    size, axes = math.prod(shape), sorted(shape)
+    if len(shape) >= 2 and axes[-2] >= min_dim:
+      second = (size // axes[-1] + size // axes[-2] + 1) * s
+    else:
+      second = (size + 2) * s
+    momentum = size * momentum_size
+    if name in MATRICES:
+      b, m, n = _matrices(name)
+      if min(m, n) >= min_dim and max(m, n) <= 4 * min(m, n):
+        momentum = b * RANK * max(m, n) * momentum_size + KEY
+    per_leaf[name] = second + momentum
+  # scale_by_factored_rms's count and lowrank_project's.
+  return per_leaf, 2 * INT32
+
+
+# name → [(case, kwargs, formula(itemsize) -> (per-leaf bytes, shared bytes))]
+CASES = {
+    "galore": [("", dict(rank=RANK), galore)],
+    "apollo": [("", dict(rank=RANK), apollo)],
+    "apollo_mini": [("", {}, apollo_mini)],
+    "fira": [("", dict(rank=RANK), fira)],
+    "frugal": [
+        (f"{subspace}-{density}",
+         dict(density=density, subspace=subspace,
+              **({"mask": {k: k == "stack" for k in SHAPES}}
+                 if subspace == "blocks" else {})),
+         lambda s, f=formula, d=density: f(s, d))
+        for subspace, formula in (("blocks", frugal_blocks),
+                                  ("columns", frugal_columns),
+                                  ("svd", frugal_svd))
+        for density in (0.25, 0.3)
+    ],
+    "flora": [
+        # Every matrix factored and compressed (bfloat16 momentum, the
+        # default); the stack (min side 20) neither; nothing (the default
+        # min_dim_size_to_factor, 128); momentum in the parameters' dtype.
+        ("min16", dict(rank=RANK, min_dim_size_to_factor=16),
+         lambda s: flora(s, 16, 2)),
+        ("min21", dict(rank=RANK, min_dim_size_to_factor=21),
+         lambda s: flora(s, 21, 2)),
+        ("min128", dict(rank=RANK), lambda s: flora(s, 128, 2)),
+        ("min16-param-dtype-momentum",
+         dict(rank=RANK, min_dim_size_to_factor=16, momentum_dtype=None),
+         lambda s: flora(s, 16, s)),
+    ],
+}
+
+PARAMS = [
+    pytest.param(name, case, kwargs, formula, dtype,
+                 id=f"{name}{'-' + case if case else ''}-"
+                    f"{jnp.dtype(dtype).name}")
+    for name in CASES
+    for case, kwargs, formula in CASES[name]
+    for dtype in DTYPES
+]
+
+
+def _params(dtype):
+  return {k: jax.ShapeDtypeStruct(s, dtype) for k, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize("name,case,kwargs,formula,dtype", PARAMS)
+def test_state_bytes_equal_the_formula(name, case, kwargs, formula, dtype):
+  del case
+  tx = ol.optimizers[name](1e-3, dimension_numbers=DIMS, **kwargs)
+  mem = ol.memory.state_bytes(tx, _params(dtype))
+  per_leaf, shared = formula(jnp.dtype(dtype).itemsize)
+  measured = {leaf.path: leaf.state_bytes for leaf in mem.leaves}
+  assert measured == {f"['{k}']": v for k, v in per_leaf.items()}
+  assert mem.shared_bytes == shared
+  assert mem.total_bytes == sum(per_leaf.values()) + shared
+
+
+@pytest.mark.parametrize("name", sorted(ol.optimizers))
+def test_every_registered_alias_has_a_formula(name):
+  if name not in CASES:
+    pytest.skip(f"no analytic state formula for {name!r} in this file yet")
+
+
+def test_frugal_blocks_refuses_a_single_matrix():
+  """Blocks are whole matrices of a stack: a 2-D leaf has none to choose."""
+  tx = ol.frugal(1e-3, 0.25, subspace="blocks", dimension_numbers=DIMS)
+  with pytest.raises(ValueError, match="stacked matrices"):
+    ol.memory.state_bytes(tx, _params(jnp.float32))
