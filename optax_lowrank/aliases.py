@@ -229,23 +229,48 @@ def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 1,
     *,
+    update_proj_gap: int = 200,
     scale: Union[float, jax.Array] = 128.0,
+    scale_type: str = "tensor",
     scale_front: bool = False,
-    **kwargs,
+    limiter: bool = True,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    projector: Union[str, Projector] = "random",
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """APOLLO-Mini: rank-1 random projection with tensor-wise scaling.
 
-  ``apollo`` with ``rank=1``, ``scale_type="tensor"`` and ``scale=128`` (the
-  paper's runs from 350M up; its 60M and 130M runs use ``scale`` 128 and 192
-  with ``scale_front=True``). The state per projected matrix is a rank-1
-  first and second moment, one key and one limiter norm.
+  ``apollo`` with the paper's APOLLO-Mini settings as defaults: ``rank=1``,
+  ``scale_type="tensor"`` and ``scale=128`` (its runs from 350M up; the 60M
+  and 130M runs use ``scale`` 128 and 192 with ``scale_front=True``). The
+  state per projected matrix is a rank-1 first and second moment, one key and
+  one limiter norm. Arguments as for ``apollo``.
 
   Args:
     learning_rate: A float or an optax schedule.
     rank: Projection rank (1 in the paper).
+    update_proj_gap: Steps between redraws of the projection.
     scale: APOLLO's ``scale`` (its square root multiplies the update).
+    scale_type: ``tensor`` (APOLLO-Mini) or ``channel``.
     scale_front: Apply ``√scale`` before the limiter.
-    **kwargs: Any other argument of ``apollo``.
+    limiter: Norm-growth limiter with γ = 1.01.
+    proj_type: Side of the projection, as GaLore's.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, on the uncorrected ``√v``.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected.
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    projector: ``"random"``, ``"svd"`` or any ``Projector``.
+    seed: Seed of the random projections.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -258,9 +283,12 @@ def apollo_mini(
     Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
     <https://arxiv.org/abs/2412.05270>`_, MLSys 2025.
   """
-  kwargs.setdefault("scale_type", "tensor")
-  return apollo(learning_rate, rank, scale=scale, scale_front=scale_front,
-                **kwargs)
+  return apollo(
+      learning_rate, rank, update_proj_gap=update_proj_gap, scale=scale,
+      scale_type=scale_type, scale_front=scale_front, limiter=limiter,
+      proj_type=proj_type, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask,
+      dimension_numbers=dimension_numbers, projector=projector, seed=seed)
 
 
 def fira(
@@ -407,7 +435,9 @@ def frugal(
       subspace (0.25 in the paper's pre-training runs).
     subspace: One of ``FRUGAL_SUBSPACES`` or a ``Projector``.
     update_proj_gap: Steps between subspace changes (200).
-    proj_type: Side for ``svd``, ``random`` and ``randperm``.
+    proj_type: Side for ``svd``, ``random`` and ``randperm``: ``std`` only
+      (the subspace rank is ``round(density · min(m, n))``, which is FRUGAL's
+      ``round(density · projected side)`` for this side alone).
     order: ``descending`` (the scripts), ``ascending`` or ``random`` (the
       class default), for ``blocks``.
     proj_lr_scale: FRUGAL's ``proj_params_lr_scale``: multiplies both parts
@@ -441,6 +471,12 @@ def frugal(
   _validate_adam(b1, b2, eps, weight_decay)
   if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
     raise ValueError(f"`density` must be in (0, 1], got {density!r}")
+  if proj_type != "std":
+    # The rank is round(density · smaller side), FRUGAL's only for ``std``.
+    raise ValueError(
+        f"`proj_type` must be 'std' (the side FRUGAL's scripts use), got "
+        f"{proj_type!r}"
+    )
   projector = _projector(subspace, {
       "blocks": lambda: projectors_lib.blocks(density, order=order),
       "svd": lambda: projectors_lib.svd(proj_type),

@@ -232,7 +232,7 @@ def lowrank_project(
       else:
         ok = jnp.all(finite)
       new_leaf = shapes.reshard_like(new_leaf.astype(old_leaf.dtype), old_leaf)
-      return jnp.where(ok, new_leaf, old_leaf)
+      return shapes.reshard_like(jnp.where(ok, new_leaf, old_leaf), old_leaf)
 
     return jax.tree.map(keep_if_not_finite, new, basis)
 

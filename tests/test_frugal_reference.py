@@ -17,8 +17,9 @@ the reference picks among all tensors of a model (a documented difference). So a
 is compared with ``L`` independent ``RefFrugal(kind="blocks")`` matrices, each told whether its
 layer is in the library's ``BlockBasis.indices`` for the coming period.
 
-Parity runs use ``proj_type="std"``, where the library's rank agrees with FRUGAL's; for the
-other sides it does not (``test_rank_follows_projected_side``, a strict xfail until fixed).
+Parity runs use ``proj_type="std"``, the only side ``frugal`` accepts: there its rank
+``round(density·min(m, n))`` is FRUGAL's ``round(density·projected side)``; other sides are
+refused with an error naming ``proj_type`` (``test_other_sides_are_refused``).
 """
 
 import functools
@@ -327,14 +328,11 @@ def test_reference_discriminates(kind, opts):
   assert max(errs["bias"]) <= TOL  # the control changes the projected leaves only
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: the rank of svd/random/randperm comes from min(m, n) (shapes.resolve_rank) "
-    "instead of round(density * side) of the side proj_type picks, as frugal's docstring "
-    "and FRUGAL's GaLoreProjector say; equal for proj_type='std' only"))
 @pytest.mark.parametrize("kind", ["svd", "randperm"])
 @pytest.mark.parametrize("proj_type", ["reverse_std", "left"])
-def test_rank_follows_projected_side(kind, proj_type):
-  # (in, out) = (24, 40): torch G is (40, 24); reverse_std and left project the 40 rows.
-  state = optax_lowrank.frugal(LR, DENSITY, subspace=kind, proj_type=proj_type).init(
-      {"w": jnp.zeros((24, 40))})
-  assert state[0].bases["w"].rank == subspace_size(40, 24, kind, DENSITY, proj_type) == 10
+def test_other_sides_are_refused(kind, proj_type):
+  # On these sides FRUGAL's rank would be round(density · 40) for a (40, 24) G, which the
+  # wrapper's min-side rank cannot express: refused at build time rather than wrong.
+  assert subspace_size(40, 24, kind, DENSITY, proj_type) == 10
+  with pytest.raises(ValueError, match="proj_type"):
+    optax_lowrank.frugal(LR, DENSITY, subspace=kind, proj_type=proj_type)

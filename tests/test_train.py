@@ -225,6 +225,39 @@ def test_galore_from_the_registry_projects_exactly_the_model_spec():
   assert np.linalg.matrix_rank(delta, tol=1e-7) > rank
 
 
+@pytest.mark.parametrize("name", sorted(__import__("optax_lowrank").optimizers))
+def test_every_registered_optimizer_trains_by_name(name):
+  """`--optimizer <name>` works for every alias in the library's registry, with its own
+  defaults (no flag given), on the scanned tiny model: one finite step that moves the
+  projected and the unprojected weights."""
+  args = pretrain.parse_args(["--optimizer", name, "--opt-args",
+                              "rank=4" if name in ("galore", "fira", "apollo", "flora")
+                              else ""], num_devices=8)
+  cfg = CFG.replace(d_model=64, d_ff=160)
+  abstract = pure_dict(nnx.state(steps.abstract_model(cfg)[1], nnx.Param))
+  mask, dims = lowrank_spec(abstract, cfg)
+  tx = optimizers.build(name, args, optax.constant_schedule(1e-2), mask, dims)
+  one = shd.make_mesh({}, devices=jax.devices()[:1])
+  params, new, metrics, _ = _run_step(cfg, tx, one, _batch(4, seed=2))
+  assert np.isfinite(metrics["loss"]) and int(new["step"]) == 1
+  for path in (("layers", "mlp", "up", "kernel"), ("lm_head", "kernel")):
+    before, after = params, new["params"]
+    for k in path:
+      before, after = before[k], after[k]
+    assert np.all(np.isfinite(after)) and not np.array_equal(after, before), (name, path)
+
+
+def test_optimizer_flags_it_does_not_take_are_refused():
+  args = pretrain.parse_args(["--optimizer", "flora", "--update-proj-gap", "5"],
+                             num_devices=8)
+  with pytest.raises(ValueError, match="--update-proj-gap"):
+    optimizers.build("flora", args, optax.constant_schedule(1e-2), None, None)
+  args = pretrain.parse_args(["--optimizer", "frugal", "--opt-args", "rank=3"],
+                             num_devices=8)
+  with pytest.raises(ValueError, match="rank"):
+    optimizers.build("frugal", args, optax.constant_schedule(1e-2), None, None)
+
+
 @pytest.mark.parametrize("argv,flag,allowed", [
     (["--model", "huge"], "--model", "60m"),
     (["--optimizer", "nope"], "--optimizer", "adamw"),

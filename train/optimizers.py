@@ -27,8 +27,9 @@ def register(name: str):
 @register("adamw")
 def adamw(args, schedule, mask, dims):
   del mask, dims
-  return optax.adamw(schedule, b1=args.b1, b2=args.b2, eps=args.eps,
-                     weight_decay=args.weight_decay)
+  default = lambda value, fallback: fallback if value is None else value
+  return optax.adamw(schedule, b1=default(args.b1, 0.9), b2=default(args.b2, 0.999),
+                     eps=default(args.eps, 1e-6), weight_decay=args.weight_decay)
 
 
 @register("galore")
@@ -52,18 +53,27 @@ def _from_library(factory: Callable) -> Factory:
     offered = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
                    proj_type=args.proj_type, b1=args.b1, b2=args.b2, eps=args.eps,
                    weight_decay=args.weight_decay, mask=mask, dimension_numbers=dims)
-    params = inspect.signature(factory).parameters
-    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    # Unset low-rank flags (None) leave the optimizer's own defaults in place.
-    kwargs = {k: v for k, v in offered.items()
-              if v is not None and (takes_all or k in params)}
+    takes = set(inspect.signature(factory).parameters) - {"learning_rate"}
+    # Unset flags (None) leave the optimizer's own defaults in place; a flag the user
+    # set that the optimizer does not take is an error, not silently dropped.
+    kwargs = {k: v for k, v in offered.items() if v is not None}
+    dropped = sorted(k for k in kwargs if k not in takes and k not in _ALWAYS)
+    if dropped:
+      flags = ", ".join("--" + k.replace("_", "-") for k in dropped)
+      raise ValueError(f"{factory.__name__} takes no {flags}; its arguments are "
+                       f"{sorted(takes)} (pass others with --opt-args K=V)")
+    kwargs = {k: v for k, v in kwargs.items() if k in takes}
     extra = dict(getattr(args, "opt_args", None) or {})
-    unknown = sorted(k for k in extra if not takes_all and k not in params)
+    unknown = sorted(k for k in extra if k not in takes)
     if unknown:
-      raise ValueError(f"--opt-args: {factory.__name__} takes no {unknown}; it takes "
-                       f"{sorted(k for k in params if k != 'learning_rate')}")
+      raise ValueError(f"--opt-args: {factory.__name__} takes no {unknown}; its "
+                       f"arguments are {sorted(takes)}")
     return factory(schedule, **{**kwargs, **extra})
   return build
+
+
+# Offered to every factory; dropped without a word when it does not take them.
+_ALWAYS = frozenset({"mask", "dimension_numbers", "weight_decay"})
 
 
 def available() -> dict[str, Factory]:

@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of --steps")
   g.add_argument("--final-lr-fraction", type=float, default=0.1)
   g.add_argument("--weight-decay", type=float, default=0.0)
-  g.add_argument("--b1", type=float, default=0.9)
-  g.add_argument("--b2", type=float, default=0.999)
-  g.add_argument("--eps", type=float, default=1e-6)
+  g.add_argument("--b1", type=float, default=None, help="default: the optimizer's")
+  g.add_argument("--b2", type=float, default=None, help="default: the optimizer's")
+  g.add_argument("--eps", type=float, default=None, help="default: the optimizer's")
   g.add_argument("--clip", type=float, default=1.0, help="global-norm clip (0: off)")
   g.add_argument("--rank", type=_rank, default=None,
                  help="low-rank: int or fraction (default: the optimizer's)")

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+
+from jax.sharding import PartitionSpec as P
 
 from optax_lowrank.projectors.base import Projector
 
@@ -29,11 +32,15 @@ class BlockBasis:
     indices: ``int32`` ``(k,)``, sorted positions in the flattened stack.
     start: ``int32`` scalar, where the next deterministic window begins.
     batch_shape: Shape of the stack (static).
+    spec: Partition spec entries of the leaf's ``(batch..., n, m)`` view
+      under an explicit mesh, or ``None`` (static).
   """
 
   indices: jax.Array
   start: jax.Array
   batch_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  spec: Optional[tuple[Any, ...]] = dataclasses.field(
+      metadata=dict(static=True))
 
 
 def blocks(density: float = 0.25, *, order: str = "random") -> Projector:
@@ -87,8 +94,15 @@ def blocks(density: float = 0.25, *, order: str = "random") -> Projector:
     size = math.prod(info.batch_shape)
     k = int(round(size * density))
     start = size - 1 if order == "descending" else 0
+    if len(info.batch_shape) > 1 and info.spec is not None and any(
+        info.spec[:len(info.batch_shape)]):
+      raise ValueError(
+          "projector `blocks` needs a single batch axis when the stack is "
+          "sharded along its batch axes"
+      )
     return BlockBasis(jnp.zeros((k,), jnp.int32),
-                      jnp.asarray(start, jnp.int32), info.batch_shape)
+                      jnp.asarray(start, jnp.int32), info.batch_shape,
+                      info.spec)
 
   def refresh(g, basis, key, step):
     del g, step
@@ -107,13 +121,24 @@ def blocks(density: float = 0.25, *, order: str = "random") -> Projector:
         basis, indices=jnp.sort(idx).astype(jnp.int32),
         start=jnp.asarray(start, jnp.int32))
 
+  # A sharded stack is sharded along its single batch axis (see init), so the
+  # flattening reshape below only ever merges unsharded axes.
   def down(basis, g):
     flat = g.reshape((-1,) + g.shape[-2:])
-    return jnp.take(flat, basis.indices, axis=0)
+    if basis.spec is None:
+      return jnp.take(flat, basis.indices, axis=0)
+    # The chosen layers leave the layer axis unsharded; matrix axes keep theirs.
+    return flat.at[basis.indices].get(out_sharding=P(None, *basis.spec[-2:]))
 
   def up(basis, r):
     size = math.prod(basis.batch_shape)
-    out = jnp.zeros((size,) + r.shape[-2:], r.dtype).at[basis.indices].set(r)
+    shape = (size,) + r.shape[-2:]
+    if basis.spec is None:
+      out = jnp.zeros(shape, r.dtype).at[basis.indices].set(r)
+    else:
+      spec = P(*basis.spec[:-2][:1], *basis.spec[-2:])
+      out = jnp.zeros(shape, r.dtype, out_sharding=spec)
+      out = out.at[basis.indices].set(r, out_sharding=spec)
     return out.reshape(basis.batch_shape + r.shape[-2:])
 
   return Projector(init, refresh, down, up)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+
+from jax.sharding import PartitionSpec as P
 
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
@@ -34,11 +37,15 @@ class IndexBasis:
       ``m × n`` matrix for ``random_k``.
     kind: ``columns``, ``rows`` or ``random_k`` (static).
     nm: The matrix size ``(n, m)`` in the array layout (static).
+    spec: Partition spec entries of the leaf's ``(batch..., n, m)`` view
+      under an explicit mesh, or ``None`` (static).
   """
 
   indices: jax.Array
   kind: str = dataclasses.field(metadata=dict(static=True))
   nm: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+  spec: Optional[tuple[Any, ...]] = dataclasses.field(
+      metadata=dict(static=True))
 
 
 def _random_subset(key, batch_shape, size, k):
@@ -55,7 +62,8 @@ def _index_projector(kind_of, count_of) -> Projector:
     del dtype
     kind, k = kind_of(info), count_of(info)
     return IndexBasis(
-        jnp.zeros(info.batch_shape + (k,), jnp.int32), kind, (info.n, info.m))
+        jnp.zeros(info.batch_shape + (k,), jnp.int32), kind, (info.n, info.m),
+        info.spec)
 
   def refresh(g, basis, key, step):
     del step
@@ -65,7 +73,31 @@ def _index_projector(kind_of, count_of) -> Projector:
     return dataclasses.replace(
         basis, indices=_random_subset(key, g.shape[:-2], size, k))
 
+  # Under an explicit mesh the gather and the scatter run on replicated
+  # arrays, then the result is resharded like the leaf: a sharded gradient
+  # pays one all-gather per step here (indices are data-dependent).
+  def replicated(basis, x):
+    if basis.spec is None:
+      return x
+    return jax.sharding.reshard(x, P())
+
   def down(basis, g):
+    r = gather(dataclasses.replace(basis, indices=replicated(
+        basis, basis.indices)), replicated(basis, g))
+    if basis.spec is None:
+      return r
+    keep = {"columns": (None, basis.spec[-1]), "rows": (basis.spec[-2], None),
+            "random_k": (None,)}[basis.kind]
+    return jax.sharding.reshard(r, P(*basis.spec[:-2], *keep))
+
+  def up(basis, r):
+    u = scatter(dataclasses.replace(basis, indices=replicated(
+        basis, basis.indices)), replicated(basis, r))
+    if basis.spec is None:
+      return u
+    return jax.sharding.reshard(u, P(*basis.spec))
+
+  def gather(basis, g):
     idx = basis.indices
     if basis.kind == "random_k":  # row-major over the reference's (m, n)
       flat = jnp.swapaxes(g, -1, -2).reshape(g.shape[:-2] + (-1,))
@@ -74,7 +106,7 @@ def _index_projector(kind_of, count_of) -> Projector:
       return jnp.take_along_axis(g, idx[..., :, None], axis=-2)
     return jnp.take_along_axis(g, idx[..., None, :], axis=-1)
 
-  def up(basis, r):
+  def scatter(basis, r):
     n, m = basis.nm
     idx = basis.indices
     batch = idx.shape[:-1]
