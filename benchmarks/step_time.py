@@ -1,4 +1,4 @@
-"""Optimizer step time: optax.adamw vs optax_lowrank.galore vs optax.contrib.galore.
+"""Optimizer step time: optax.adamw vs every optax_lowrank alias vs optax.contrib.galore.
 
 Times only the optimizer: a jitted ``tx.update(grads, state, params)`` followed by
 ``optax.apply_updates``, with ``params`` and the optimizer state donated, on the
@@ -162,6 +162,37 @@ def make_optimizers(rank: int, gap: int, mask_fn: Callable) -> dict:
               "on the (out, in) view: the smaller side of each matrix is "
               "compressed (Adam state max(m,n) x r)"
           ),
+      ),
+      "optax_lowrank.apollo": dict(
+          tx=optax_lowrank.apollo(
+              1e-3, rank=rank, update_proj_gap=gap, mask=mask_fn),
+          galore=True,
+          projects="as galore; random projection redrawn from a key",
+      ),
+      "optax_lowrank.apollo_mini": dict(
+          tx=optax_lowrank.apollo_mini(1e-3, update_proj_gap=gap, mask=mask_fn),
+          galore=True,
+          projects="as galore, rank 1, tensor-wise scaling",
+      ),
+      "optax_lowrank.fira": dict(
+          tx=optax_lowrank.fira(
+              1e-3, rank=rank, update_proj_gap=gap, mask=mask_fn),
+          galore=True,
+          projects="as galore (exact SVD) plus the scaled residual",
+      ),
+      "optax_lowrank.frugal": dict(
+          tx=optax_lowrank.frugal(
+              1e-3, 0.25, subspace="columns", update_proj_gap=gap,
+              mask=mask_fn),
+          galore=True,
+          projects="as galore's mask; 25% random columns state-full, "
+          "signSGD elsewhere",
+      ),
+      "optax_lowrank.flora": dict(
+          tx=optax_lowrank.flora(1e-3, rank=rank, kappa=gap, mask=mask_fn),
+          galore=True,
+          projects="as galore's mask (where min side >= 128, max <= 4 min); "
+          "Adafactor second moment everywhere",
       ),
       "optax.contrib.galore": dict(
           tx=contrib.galore(
