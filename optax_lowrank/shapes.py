@@ -151,6 +151,22 @@ class MatrixInfo(NamedTuple):
   rank: int
   spec: Optional[tuple[Any, ...]]
 
+  def shape(self, dims: str) -> tuple[int, ...]:
+    """``batch_shape`` followed by one size per letter of ``dims`` (m, n, r)."""
+    sizes = {"m": self.m, "n": self.n, "r": self.rank}
+    return self.batch_shape + tuple(sizes[d] for d in dims)
+
+  def partition(self, dims: str) -> Optional[tuple[Any, ...]]:
+    """Partition spec entries for ``shape(dims)``, or ``None`` if unsharded.
+
+    ``m`` and ``n`` take the leaf's shardings, ``r`` is never sharded.
+    """
+    if self.spec is None:
+      return None
+    nb = len(self.batch_shape)
+    specs = {"n": self.spec[nb], "m": self.spec[nb + 1], "r": None}
+    return (*self.spec[:nb], *(specs[d] for d in dims))
+
   def zeros(self, dims: str, dtype) -> jax.Array:
     """Zeros of shape ``batch_shape + dims``, sharded like the leaf.
 
@@ -162,14 +178,8 @@ class MatrixInfo(NamedTuple):
     Returns:
       The zero array, carrying the leaf's sharding along the axes it shares.
     """
-    sizes = {"m": self.m, "n": self.n, "r": self.rank}
-    shape = self.batch_shape + tuple(sizes[d] for d in dims)
-    if self.spec is None:
-      return jnp.zeros(shape, dtype)
-    nb = len(self.batch_shape)
-    specs = {"n": self.spec[nb], "m": self.spec[nb + 1], "r": None}
-    spec = P(*self.spec[:nb], *(specs[d] for d in dims))
-    return jnp.zeros(shape, dtype, out_sharding=spec)
+    return jnp.zeros(self.shape(dims), dtype,
+                     out_sharding=out_sharding(self.partition(dims)))
 
 
 def explicit_spec(x) -> Optional[tuple[Any, ...]]:

@@ -120,17 +120,10 @@ def random(
     del dtype
     side = matmul.side(proj_type, info.m, info.n)
     dims = "mr" if side == "left" else "rn"
-    sizes = {"m": info.m, "n": info.n, "r": info.rank}
-    spec = None
-    if info.spec is not None:
-      nb = len(info.batch_shape)
-      axis = {"n": info.spec[nb], "m": info.spec[nb + 1], "r": None}
-      spec = (*info.spec[:nb], *(axis[d] for d in dims))
     data = jax.random.key_data(jax.random.key(0))
     return KeyBasis(
-        jnp.zeros(data.shape, data.dtype), side,
-        info.batch_shape + tuple(sizes[d] for d in dims), spec,
-        distribution, std,
+        jnp.zeros(data.shape, data.dtype), side, info.shape(dims),
+        info.partition(dims), distribution, std,
     )
 
   def refresh(g, basis, key, step):
