@@ -13,16 +13,39 @@ from optax_lowrank import inner as inner_lib
 from optax_lowrank import projectors as projectors_lib
 from optax_lowrank import shapes
 from optax_lowrank.core import lowrank_project
+from optax_lowrank.inner import adam as adam_lib
 from optax_lowrank.projectors import Projector
 
 
-def _validate_adam(b1, b2, eps, weight_decay):
-  for name, value in (("b1", b1), ("b2", b2)):
-    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
-      raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
-  for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+def _validate_nonnegative(**values):
+  for name, value in values.items():
     if isinstance(value, (int, float)) and value < 0.0:
       raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+
+
+def _validate_adam(b1, b2, eps, weight_decay):
+  adam_lib.validate(b1, b2, eps)
+  _validate_nonnegative(weight_decay=weight_decay)
+
+
+def _hf_adamw_in_subspace(
+    learning_rate, rank, *, b1, b2, eps, weight_decay, weight_decay_mask,
+    **wrapper_kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW as galore-torch, APOLLO and Fira write it, Adam in the subspace.
+
+  The uncorrected Adam direction runs inside ``lowrank_project`` (whose
+  combine rule sees it on that scale); the bias correction, decoupled weight
+  decay and learning rate follow in the full space.
+  """
+  return optax.chain(
+      lowrank_project(
+          inner_lib.scale_by_adam_uncorrected(b1, b2, eps), rank,
+          **wrapper_kwargs),
+      inner_lib.scale_by_bias_correction(b1, b2),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 def _projector(projector, names: dict) -> Projector:
@@ -206,22 +229,13 @@ def apollo(
       "random": lambda: projectors_lib.random(proj_type),
       "svd": lambda: projectors_lib.svd(proj_type),
   })
-  return optax.chain(
-      lowrank_project(
-          inner_lib.scale_by_adam_uncorrected(b1, b2, eps),
-          rank,
-          update_proj_gap=update_proj_gap,
-          scale=scale,
-          projector=projector,
-          combine=combine_lib.apollo_scale(
-              scale_type, limiter=limiter, scale_front=scale_front),
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          seed=seed,
-      ),
-      inner_lib.scale_by_bias_correction(b1, b2),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+  return _hf_adamw_in_subspace(
+      learning_rate, rank, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, update_proj_gap=update_proj_gap,
+      scale=scale, projector=projector,
+      combine=combine_lib.apollo_scale(
+          scale_type, limiter=limiter, scale_front=scale_front),
+      mask=mask, dimension_numbers=dimension_numbers, seed=seed,
   )
 
 
@@ -365,21 +379,12 @@ def fira(
       "svd": lambda: projectors_lib.svd(proj_type),
       "random": lambda: projectors_lib.random(proj_type),
   })
-  return optax.chain(
-      lowrank_project(
-          inner_lib.scale_by_adam_uncorrected(b1, b2, eps),
-          rank,
-          update_proj_gap=update_proj_gap,
-          scale=scale,
-          projector=projector,
-          combine=combine_lib.fira_residual(limiter=limiter),
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          seed=seed,
-      ),
-      inner_lib.scale_by_bias_correction(b1, b2),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+  return _hf_adamw_in_subspace(
+      learning_rate, rank, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, update_proj_gap=update_proj_gap,
+      scale=scale, projector=projector,
+      combine=combine_lib.fira_residual(limiter=limiter),
+      mask=mask, dimension_numbers=dimension_numbers, seed=seed,
   )
 
 
@@ -580,13 +585,10 @@ def flora(
     <https://arxiv.org/abs/2402.03293>`_, ICML 2024; code:
     github.com/BorealisAI/flora-opt.
   """
-  if isinstance(b1, (int, float)) and not 0.0 <= b1 < 1.0:
-    raise ValueError(f"`b1` must be in [0, 1), got {b1!r}")
+  # b1 is checked by inner.ema_nesterov, below.
   if not (isinstance(b2, (int, float)) and b2 > 0.0):
     raise ValueError(f"`b2` (a decay exponent) must be > 0, got {b2!r}")
-  for name, value in (("eps", eps), ("weight_decay", weight_decay)):
-    if isinstance(value, (int, float)) and value < 0.0:
-      raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+  _validate_nonnegative(eps=eps, weight_decay=weight_decay)
   if clipping_threshold is not None and not clipping_threshold > 0:
     raise ValueError(
         f"`clipping_threshold` must be positive or None, got "

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import optax
 
 
-def _validate(b1, b2, eps):
+def validate(b1, b2, eps) -> None:
+  """Raises ``ValueError`` naming ``b1``, ``b2`` or ``eps`` if out of range."""
   for name, value in (("b1", b1), ("b2", b2)):
     if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
       raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
@@ -90,7 +91,7 @@ def scale_by_adam_uncorrected(
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019 (the Hugging Face AdamW
     that galore-torch, APOLLO and Fira build on).
   """
-  _validate(b1, b2, eps)
+  validate(b1, b2, eps)
 
   def init(params):
     return optax.ScaleByAdamState(
@@ -139,7 +140,7 @@ def scale_by_bias_correction(
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015 (Alg. 1, the efficient
     form with the corrections folded into the step size).
   """
-  _validate(b1, b2, 0.0)
+  validate(b1, b2, 0.0)
 
   def init(params):
     del params
@@ -199,7 +200,7 @@ def scale_by_adam_leafwise(
     Overhead for Scalable Training <https://arxiv.org/abs/2411.07837>`_, ICML
     2025 (its AdamW restarts with the subspace).
   """
-  _validate(b1, b2, eps)
+  validate(b1, b2, eps)
 
   def init(params):
     return LeafwiseAdamState(
