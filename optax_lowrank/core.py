@@ -28,6 +28,7 @@ from optax_lowrank import combine as combine_lib
 from optax_lowrank import moments
 from optax_lowrank import schedules
 from optax_lowrank import shapes
+from optax_lowrank import projectors
 from optax_lowrank.projectors import Projector, svd
 
 
@@ -94,6 +95,7 @@ def lowrank_project(
     scale: Union[float, jax.Array] = 1.0,
     proj_type: str = "std",
     projector: Union[str, Projector] = "svd",
+    granularity: Union[int, float] = 1,
     mask: shapes.MaskOrFn = None,
     dimension_numbers: shapes.DimensionNumbersOrFn = None,
     on_refresh: str = "keep",
@@ -128,6 +130,10 @@ def lowrank_project(
     proj_type: For ``projector="svd"``: ``std``, ``reverse_std``, ``left``,
       ``right`` or ``full`` (galore-torch's meanings).
     projector: ``"svd"`` or a ``Projector`` instance.
+    granularity: VLoRP's projection unit ``c``, a power of two: the
+      projector works on each matrix regrouped row-major to ``(m·c, n/c)``
+      (``m >= n``) or ``(m/c, n·c)``, see ``projectors.granular``. ``1``
+      projects the matrix itself.
     mask: Which leaves may be projected: a bool pytree like the parameters, or a
       function of them returning one (like ``optax.masked``).
     dimension_numbers: ``DimensionNumbers`` for leaves with more than two axes
@@ -182,6 +188,9 @@ def lowrank_project(
         f"`combine` must be a combine.CombineRule (e.g. "
         f"combine.back_project()), got {combine!r}"
     )
+  shapes.validate_granularity(granularity)
+  if granularity != 1:
+    projector = projectors.granular(projector, granularity)
   refresh_schedule = schedules.every(update_proj_gap, stagger=stagger)
   inner = optax.with_extra_args_support(inner)
 

@@ -143,6 +143,9 @@ class MatrixInfo(NamedTuple):
     spec: Partition spec entries of the ``(batch..., n, m)`` array view under
       an explicit-sharding mesh, or ``None`` when nothing is sharded
       explicitly.
+    std_side: The side ``proj_type="std"`` compresses, when the matricize
+      stage fixes it: a granular view (see ``granular_shape``) keeps the side
+      of the matrix before regrouping. ``None``: decided from ``m`` and ``n``.
   """
 
   batch_shape: tuple[int, ...]
@@ -150,6 +153,7 @@ class MatrixInfo(NamedTuple):
   n: int
   rank: int
   spec: Optional[tuple[Any, ...]]
+  std_side: Optional[str] = None
 
   def shape(self, dims: str) -> tuple[int, ...]:
     """``batch_shape`` followed by one size per letter of ``dims`` (m, n, r)."""
@@ -238,6 +242,105 @@ def gather_matrices(x: jax.Array) -> jax.Array:
       batch[i] = freed if len(freed) > 1 else freed[0]
       break
   return jax.sharding.reshard(x, P(*batch, None, None))
+
+
+def validate_granularity(granularity) -> None:
+  """Checks that ``granularity`` is a power of two (``1/2``, ``1``, ``4``, ...)."""
+  ok = (not isinstance(granularity, bool)
+        and isinstance(granularity, (int, float))
+        and granularity > 0
+        and float(math.log2(granularity)).is_integer())
+  if not ok:
+    raise ValueError(
+        "`granularity` must be a power of two, e.g. 0.5, 1, 4 or 256, got "
+        f"{granularity!r}"
+    )
+
+
+def granular_shape(m: int, n: int, granularity) -> tuple[int, int, str]:
+  """VLoRP's regrouped matrix for granularity ``c`` and the side it projects.
+
+  The references' ``G`` (``m × n``) is reshaped row-major: when ``m >= n`` to
+  ``(m·c, n/c)`` (each row cut into ``c`` chunks) and projected on the right;
+  otherwise to ``(m/c, n·c)`` (``c`` consecutive rows joined) and projected on
+  the left. ``c < 1`` gives coarser units.
+
+  Args:
+    m: Rows of the matrix (output size).
+    n: Columns (reduction size).
+    granularity: ``c``, a power of two.
+
+  Returns:
+    ``(m', n', side)``.
+
+  Raises:
+    ValueError: if the regrouped sides are not whole numbers.
+  """
+  validate_granularity(granularity)
+  side = "right" if m >= n else "left"
+  rows, cols = (m * granularity, n / granularity) if side == "right" else (
+      m / granularity, n * granularity)
+  if not (float(rows).is_integer() and float(cols).is_integer()):
+    short, long_ = ("n", "m") if side == "right" else ("m", "n")
+    raise ValueError(
+        f"`granularity` {granularity!r} does not fit the matrix (m, n) = "
+        f"({m}, {n}): regrouping it to {'(m·c, n/c)' if side == 'right' else '(m/c, n·c)'} "
+        f"gives ({rows:g}, {cols:g}). Allowed: a power of two c >= 1 dividing "
+        f"{short} = {min(m, n)}, or c < 1 with 1/c dividing {long_} = "
+        f"{max(m, n)}."
+    )
+  return int(rows), int(cols), side
+
+
+def _regrouped_rows_entry(x: jax.Array, spec: tuple[Any, ...], m: int,
+                          m2: int):
+  """Mesh axes for the regrouped rows: the matrix axes' ones that divide both.
+
+  ``m`` is always the major factor of ``m2`` or the other way round, so a
+  sharding that divides both is the same split of the data in either view.
+  """
+  mesh = jax.typeof(x).sharding.mesh
+  axes = tuple(
+      a for entry in (spec[-1], spec[-2]) if entry is not None
+      for a in ((entry,) if isinstance(entry, str) else entry)
+  )
+  while axes and (m2 % math.prod(mesh.shape[a] for a in axes)
+                  or m % math.prod(mesh.shape[a] for a in axes)):
+    axes = axes[:-1]
+  if not axes:
+    return None
+  return axes[0] if len(axes) == 1 else axes
+
+
+def regroup(x: jax.Array, m2: int, n2: int) -> jax.Array:
+  """``(batch..., n, m)`` → ``(batch..., n2, m2)``: the row-major regrouping.
+
+  In the references' orientation this is ``G.reshape(m2, n2)`` on each matrix
+  (``G`` is ``xᵀ``), so rows and columns keep the references' order. Under
+  explicit sharding the matrix axes' mesh axes move onto the regrouped rows
+  ``m2`` where they divide it (an all-to-all, not a gather); ``n2`` is
+  unsharded.
+  """
+  spec = explicit_spec(x)
+  g = jnp.swapaxes(x, -1, -2)
+  shape = g.shape[:-2] + (m2, n2)
+  if spec is None:
+    return jnp.swapaxes(g.reshape(shape), -1, -2)
+  rows = P(*spec[:-2], _regrouped_rows_entry(g, spec, g.shape[-2], m2), None)
+  g = jnp.reshape(jax.sharding.reshard(g, rows), shape, out_sharding=rows)
+  return jnp.swapaxes(g, -1, -2)
+
+
+def ungroup(y: jax.Array, m: int, n: int,
+            spec: Optional[tuple[Any, ...]]) -> jax.Array:
+  """Inverse of ``regroup``: back to ``(batch..., n, m)``, sharded as ``spec``."""
+  g = jnp.swapaxes(y, -1, -2)
+  shape = g.shape[:-2] + (m, n)
+  if spec is None:
+    return jnp.swapaxes(g.reshape(shape), -1, -2)
+  rows = P(*spec[:-2], _regrouped_rows_entry(g, spec, m, g.shape[-2]), None)
+  g = jnp.reshape(jax.sharding.reshard(g, rows), shape, out_sharding=rows)
+  return jax.sharding.reshard(jnp.swapaxes(g, -1, -2), P(*spec))
 
 
 @dataclasses.dataclass(frozen=True)

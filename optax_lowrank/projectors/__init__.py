@@ -3,6 +3,7 @@
 from optax_lowrank.projectors.base import Basis, Projector
 from optax_lowrank.projectors.blocks import BlockBasis, blocks
 from optax_lowrank.projectors.coordinates import IndexBasis, coordinates, randperm
+from optax_lowrank.projectors.granular import GranularBasis, granular
 from optax_lowrank.projectors.random import KeyBasis, random
 from optax_lowrank.projectors.svd import (
     PROJ_TYPES,
@@ -15,6 +16,7 @@ from optax_lowrank.projectors.svd import (
 __all__ = [
     "Basis",
     "BlockBasis",
+    "GranularBasis",
     "IndexBasis",
     "KeyBasis",
     "LeftBasis",
@@ -24,6 +26,7 @@ __all__ = [
     "TwoSidedBasis",
     "blocks",
     "coordinates",
+    "granular",
     "random",
     "randperm",
     "svd",

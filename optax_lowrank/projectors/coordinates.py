@@ -196,7 +196,7 @@ def randperm(proj_type: str = "std") -> Projector:
     )
 
   def kind(info):
-    side = matmul.side(proj_type, info.m, info.n)
+    side = matmul.side(proj_type, info.m, info.n, info.std_side)
     return "columns" if side == "right" else "rows"
 
   return _index_projector(kind, lambda info: info.rank)

@@ -11,6 +11,8 @@ down-projection is a plain, untransposed matmul of ``g``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -19,7 +21,7 @@ from optax_lowrank import shapes
 SIDES = ("left", "right")
 
 
-def side(proj_type: str, m: int, n: int) -> str:
+def side(proj_type: str, m: int, n: int, std_side: Optional[str] = None) -> str:
   """galore-torch's rule for the side a ``proj_type`` projects.
 
   Args:
@@ -29,14 +31,17 @@ def side(proj_type: str, m: int, n: int) -> str:
       ``full``.
     m: Rows (output size) of the reference-oriented matrix.
     n: Columns (reduction size).
+    std_side: The side ``std`` compresses when the matricize stage fixes it
+      (``MatrixInfo.std_side``); ``reverse_std`` takes the other one.
 
   Returns:
     ``left``, ``right`` or ``full``.
   """
+  std = std_side or ("right" if m >= n else "left")
   if proj_type == "std":
-    return "right" if m >= n else "left"
+    return std
   if proj_type == "reverse_std":
-    return "left" if m >= n else "right"
+    return "left" if std == "right" else "right"
   if proj_type == "smaller":
     return "right" if n < m else "left"
   return proj_type

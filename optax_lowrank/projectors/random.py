@@ -118,7 +118,7 @@ def random(
 
   def init(info, dtype):
     del dtype
-    side = matmul.side(proj_type, info.m, info.n)
+    side = matmul.side(proj_type, info.m, info.n, info.std_side)
     dims = "mr" if side == "left" else "rn"
     data = jax.random.key_data(jax.random.key(0))
     return KeyBasis(

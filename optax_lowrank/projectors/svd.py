@@ -115,7 +115,7 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
 
   def init(info, dtype):
     dtype = basis_dtype or dtype
-    side = matmul.side(proj_type, info.m, info.n)
+    side = matmul.side(proj_type, info.m, info.n, info.std_side)
     if side == "right":
       return RightBasis(info.zeros("rn", dtype))
     if side == "left":
