@@ -6,7 +6,15 @@ from optax_lowrank import inner
 from optax_lowrank import memory
 from optax_lowrank import projectors
 from optax_lowrank import schedules
-from optax_lowrank.aliases import apollo, apollo_mini, fira, flora, frugal, galore
+from optax_lowrank.aliases import (
+    apollo,
+    apollo_mini,
+    fira,
+    flora,
+    frugal,
+    galore,
+    vlorp,
+)
 from optax_lowrank.core import LeafBasis, LowRankState, lowrank_project
 from optax_lowrank.projectors import Projector
 from optax_lowrank.registry import optimizers
@@ -33,4 +41,5 @@ __all__ = [
     "optimizers",
     "projectors",
     "schedules",
+    "vlorp",
 ]

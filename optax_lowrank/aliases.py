@@ -627,3 +627,109 @@ def flora(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale(-1.0),
   )
+
+
+def vlorp(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 1,
+    *,
+    granularity: Union[int, float] = 256,
+    update_proj_gap: int = 30,
+    scale: Union[float, jax.Array] = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    distribution: str = "gaussian",
+    projector: Optional[Projector] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    stagger: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """VLoRP with ProjFactor: fine-grained random projection, factored Adam.
+
+  Each projected matrix ``G`` (``m × n``, references' orientation) is
+  regrouped to ``(m·c, n/c)`` when ``m >= n`` and projected on the right, or
+  to ``(m/c, n·c)`` and projected on the left (granularity ``c``,
+  ``projectors.granular``), by a Gaussian (or Rademacher) matrix redrawn from
+  a key at step 0 and every ``update_proj_gap`` steps and never stored. The
+  first moment lives in that subspace (kept across redraws); the second
+  moment is factored in the full space from the back-projected gradient
+  (``combine.projfactor``). The update is
+  ``√(1 − b2ᵗ)/(1 − b1ᵗ) · scale·up(m) / (√V̂ + eps)``. Per matrix the state is
+  ``max(m, n)·c·r + m + n`` floats, so ``c·r`` is the memory budget: the paper
+  finds finer units (large ``c``, small ``r``) better at a fixed budget.
+  Leaves that are not projected (embeddings, norms, LM head) get AdamW.
+  Gradients can be accumulated in the subspace with
+  ``optax_lowrank.MultiSteps``.
+
+  Follows the authors' ``optim/projfactor.py``: the matrix is ``N(0, 1)``
+  there and the back-projection divides by ``r``; here it is drawn as
+  ``N(0, 1/r)`` (``projectors.random(std="rank")``), which gives the same
+  updates with the subspace moment scaled by ``1/√r``. Two differences: weight
+  decay is decoupled on the parameter before the step
+  (``optax.add_decayed_weights``, as the code's AdamW does for unprojected
+  leaves) where the code decays projected matrices after it, a difference of
+  order ``lr²·weight_decay``; and the draws come from JAX keys. With gradient
+  accumulation the code draws a new matrix for every micro-batch of a refresh
+  step; ``MultiSteps`` uses one matrix for the whole step.
+
+  Args:
+    learning_rate: A float or an optax schedule.
+    rank: Rank ``r`` of each regrouped matrix's projection (int), or a
+      fraction of each matrix's smaller side.
+    granularity: ``c``, a power of two (``< 1`` for coarser units); must fit
+      every projected matrix (an error names the leaf otherwise). The
+      paper's best at budget ``c·r = 256`` is ``c = 256, r = 1``.
+    update_proj_gap: Steps between redraws of the projection.
+    scale: Multiplier of the back-projection (the paper: 0.25).
+    b1: First-moment decay.
+    b2: Second-moment decay (factored for projected leaves).
+    eps: Added to the square root of the second moment.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    distribution: ``gaussian`` or ``rademacher`` entries.
+    projector: Any ``Projector`` to use instead of the random one (applied
+      with the same granularity).
+    mask: Which leaves may be projected (the paper: attention and MLP).
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    stagger: Spread the leaves' redraws over the gap.
+    seed: Seed of the random projections.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
+    >>> tx = optax_lowrank.vlorp(1e-3, rank=1, granularity=8)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+
+  References:
+    Wang et al., `Memory-Efficient LLM Training by Various-Grained Low-Rank
+    Projection of Gradients <https://arxiv.org/abs/2505.01744>`_, ICML 2025;
+    code: github.com/BIGKnight/VLoRP.
+  """
+  _validate_adam(b1, b2, eps, weight_decay)
+  if projector is None:
+    projector = projectors_lib.random(distribution=distribution, std="rank")
+  elif not isinstance(projector, Projector):
+    raise ValueError(
+        f"`projector` must be None (random) or a Projector instance, got "
+        f"{projector!r}"
+    )
+  return optax.chain(
+      lowrank_project(
+          optax.ema(b1, debias=True), rank,
+          update_proj_gap=update_proj_gap, scale=scale, projector=projector,
+          granularity=granularity, mask=mask,
+          dimension_numbers=dimension_numbers, on_refresh="keep",
+          stagger=stagger, combine=combine_lib.projfactor(b2, eps),
+          unprojected=optax.scale_by_adam(b1, b2, eps), seed=seed,
+      ),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -14,7 +14,9 @@ from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from optax_lowrank.inner import adam as adam_lib
 from optax_lowrank.projectors.base import Projector
 from optax_lowrank.shapes import MatrixInfo
 
@@ -27,6 +29,10 @@ class CombineRule(NamedTuple):
       (a pytree of arrays; ``()`` for stateless rules).
     apply: ``apply(projector, basis, g, r, n, scale, state) -> (u, state)``,
       the update ``u`` in ``g``'s layout ``(batch..., n, m)``.
+    reads_gradient: Whether ``apply`` reads the full gradient ``g``. Rules
+      that do not (``back_project``, ``projfactor``) build the update from
+      ``r`` and ``n`` alone, so gradients can be accumulated in the subspace
+      (``accumulation.MultiSteps``); they receive ``g = None`` there.
   """
 
   init: Callable[[MatrixInfo], Any]
@@ -34,6 +40,7 @@ class CombineRule(NamedTuple):
       [Projector, Any, jax.Array, jax.Array, jax.Array, Any, Any],
       tuple[jax.Array, Any],
   ]
+  reads_gradient: bool = True
 
 
 def back_project() -> CombineRule:
@@ -56,7 +63,87 @@ def back_project() -> CombineRule:
     del g, r
     return scale * projector.up(basis, n), state
 
-  return CombineRule(lambda info: (), apply)
+  return CombineRule(lambda info: (), apply, reads_gradient=False)
+
+
+class ProjFactorState(NamedTuple):
+  """Per-leaf state of ``projfactor``: a second moment factored as in Adafactor.
+
+  Attributes:
+    count: Updates taken (int32), for the bias correction ``√(1 − b2ᵗ)``.
+    row: EMA of the back-projected gradient's squares summed over each row,
+      ``(batch..., m)`` (float32).
+    col: The same summed over each column, ``(batch..., n)`` (float32).
+  """
+
+  count: jax.Array
+  row: jax.Array
+  col: jax.Array
+
+
+def projfactor(b2: float = 0.999, eps: float = 1e-6) -> CombineRule:
+  """ProjFactor's full-space factored second moment (VLoRP).
+
+  With ``Ĝ = scale·up(R)`` the back-projected gradient (``m × n``,
+  references' orientation) and the inner output ``N`` (VLoRP: the debiased
+  first moment ``m / (1 − b1ᵗ)`` of ``R``):
+
+  ``row ← b2·row + (1 − b2)·Σⱼ Ĝ²``, ``col ← b2·col + (1 − b2)·Σᵢ Ĝ²``,
+  ``V̂ = row colᵀ / Σ row`` and
+  ``U = √(1 − b2ᵗ) · scale·up(N) / (√V̂ + eps)``.
+
+  Only ``m + n`` numbers per matrix; the first moment lives in the subspace.
+  ``eps`` is added to ``√V̂`` before the bias correction, as in the
+  reference code (whose step size is ``lr·√(1 − b2ᵗ)/(1 − b1ᵗ)``).
+
+  Args:
+    b2: Decay of the factored second moment, in [0, 1).
+    eps: Added to ``√V̂``.
+
+  Returns:
+    A ``CombineRule`` with ``ProjFactorState`` per leaf.
+
+  Example:
+    >>> import optax, optax_lowrank
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax.ema(0.9), rank=1, granularity=4,
+    ...     projector=optax_lowrank.projectors.random(std="rank"),
+    ...     combine=optax_lowrank.combine.projfactor(0.999, 1e-6))
+
+  References:
+    Wang et al., `Memory-Efficient LLM Training by Various-Grained Low-Rank
+    Projection of Gradients <https://arxiv.org/abs/2505.01744>`_, ICML 2025
+    (Alg. 2; reference code ``optim/projfactor.py``).
+  """
+  if not 0.0 <= b2 < 1.0:
+    raise ValueError(f"`b2` must be in [0, 1), got {b2!r}")
+  if not eps >= 0.0:
+    raise ValueError(f"`eps` must be >= 0, got {eps!r}")
+
+  def init(info):
+    return ProjFactorState(
+        count=jnp.zeros([], jnp.int32),
+        row=info.zeros("m", jnp.float32),
+        col=info.zeros("n", jnp.float32),
+    )
+
+  def apply(projector, basis, g, r, n, scale, state):
+    del g
+    g_hat = scale * projector.up(basis, r).astype(jnp.float32)
+    sq = jnp.square(g_hat)  # (batch..., n, m)
+    row = b2 * state.row + (1.0 - b2) * jnp.sum(sq, axis=-2)
+    col = b2 * state.col + (1.0 - b2) * jnp.sum(sq, axis=-1)
+    total = jnp.sum(row, axis=-1)[..., None, None]
+    # A matrix whose gradients were all zero has V̂ = 0 (the reference: 0/0).
+    total = jnp.where(total > 0, total, 1.0)
+    v_hat = col[..., :, None] * row[..., None, :] / total
+    count = optax.safe_int32_increment(state.count)
+    correction = jnp.sqrt(adam_lib.bias_correction(b2, count))
+    u = scale * projector.up(basis, n).astype(jnp.float32)
+    u = correction * u / (jnp.sqrt(v_hat) + eps)
+    return u.astype(n.dtype), ProjFactorState(count, row, col)
+
+  return CombineRule(init, apply, reads_gradient=False)
 
 
 class NormGrowthLimiter(NamedTuple):

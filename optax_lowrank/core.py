@@ -101,6 +101,7 @@ def lowrank_project(
     on_refresh: str = "keep",
     stagger: bool = False,
     combine: combine_lib.CombineRule = combine_lib.back_project(),
+    unprojected: Optional[optax.GradientTransformation] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it runs in a low-rank subspace of each gradient.
@@ -148,6 +149,11 @@ def lowrank_project(
     combine: The combine rule building the full-space update from the
       subspace one (a ``combine.CombineRule``); ``combine.back_project()``
       by default.
+    unprojected: The transform for leaves that are not projected, or
+      ``None`` (default): ``inner`` updates them too, at full shape. When
+      given, the two run side by side as ``optax.partition`` does (each on
+      its own leaves), as in reference codes that pair a subspace method with
+      full AdamW for embeddings, norms and the LM head (VLoRP).
     seed: Seed for projectors that draw random bases.
 
   Returns:
@@ -193,11 +199,26 @@ def lowrank_project(
     projector = projectors.granular(projector, granularity)
   refresh_schedule = schedules.every(update_proj_gap, stagger=stagger)
   inner = optax.with_extra_args_support(inner)
+  if unprojected is not None and not isinstance(
+      unprojected, optax.GradientTransformation):
+    raise ValueError(
+        f"`unprojected` must be an optax GradientTransformation or None, got "
+        f"{unprojected!r}"
+    )
 
   def plan(tree):
     return shapes.plan_leaves(
         tree, rank=rank, mask=mask, dimension_numbers=dimension_numbers
     )
+
+  def inner_for(plans, treedef) -> optax.GradientTransformationExtraArgs:
+    """``inner``, or ``inner`` and ``unprojected`` side by side."""
+    if unprojected is None:
+      return inner
+    labels = treedef.unflatten(
+        ["projected" if p is not None else "unprojected" for p in plans])
+    return optax.partition(
+        {"projected": inner, "unprojected": unprojected}, labels)
 
   def init_fn(params):
     plans, treedef = plan(params)
@@ -225,7 +246,8 @@ def lowrank_project(
         count=jnp.zeros([], jnp.int32),
         bases=treedef.unflatten(bases),
         combine_states=treedef.unflatten(combine_states),
-        inner_state=inner.init(treedef.unflatten(proxies)),
+        inner_state=inner_for(plans, treedef).init(
+            treedef.unflatten(proxies)),
     )
 
   def refresh_leaf(g, basis, key, step):
@@ -247,6 +269,7 @@ def lowrank_project(
 
   def update_fn(updates, state, params=None, **extra_args):
     plans, treedef = plan(updates)
+    inner_tx = inner_for(plans, treedef)
     num_projected = sum(p is not None for p in plans)
     grads = treedef.flatten_up_to(updates)
     old_bases = treedef.flatten_up_to(state.bases)
@@ -293,14 +316,14 @@ def lowrank_project(
     reduced_tree = treedef.unflatten(reduced)
     inner_state = moments.apply_on_refresh(
         on_refresh,
-        inner=inner,
+        inner=inner_tx,
         inner_state=state.inner_state,
         treedef=treedef,
         refreshed=refreshed,
         rotate=rotations,
-        fresh_state_fn=lambda: inner.init(reduced_tree),
+        fresh_state_fn=lambda: inner_tx.init(reduced_tree),
     )
-    inner_updates, inner_state = inner.update(
+    inner_updates, inner_state = inner_tx.update(
         reduced_tree,
         inner_state,
         None if params is None else treedef.unflatten(inner_params),

@@ -13,4 +13,5 @@ optimizers = {
     "fira": aliases.fira,
     "frugal": aliases.frugal,
     "flora": aliases.flora,
+    "vlorp": aliases.vlorp,
 }
