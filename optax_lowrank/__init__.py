@@ -1,11 +1,13 @@
 """optax-lowrank: low-rank gradient projection optimizers for Optax."""
 
+from optax_lowrank import accumulation
 from optax_lowrank import blockwise
 from optax_lowrank import combine
 from optax_lowrank import inner
 from optax_lowrank import memory
 from optax_lowrank import projectors
 from optax_lowrank import schedules
+from optax_lowrank.accumulation import MultiSteps
 from optax_lowrank.aliases import (
     apollo,
     apollo_mini,
@@ -26,7 +28,9 @@ __all__ = [
     "DimensionNumbers",
     "LeafBasis",
     "LowRankState",
+    "MultiSteps",
     "Projector",
+    "accumulation",
     "apollo",
     "apollo_mini",
     "blockwise",

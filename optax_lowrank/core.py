@@ -59,12 +59,35 @@ class LowRankState(NamedTuple):
       each projected leaf (empty for stateless rules), ``optax.MaskedNode``
       for the others.
     inner_state: The inner transform's state over the projected tree.
+    projected: ``()``, except while ``MultiSteps`` accumulates gradients in
+      the subspace: then it carries projected gradients between it and this
+      transform (a tree like ``bases``), never stored across steps.
   """
 
   count: jax.Array
   bases: Any
   combine_states: Any
   inner_state: optax.OptState
+  projected: Any = ()
+
+
+ACCUMULATION_ARG = "lowrank_accumulation"
+
+
+class AccumulationStep(NamedTuple):
+  """What ``MultiSteps`` asks of ``lowrank_project`` (passed as an extra arg).
+
+  Attributes:
+    phase: ``project``: refresh the subspace if due (only when ``first``),
+      project the gradient and return it in ``LowRankState.projected``
+      without updating anything else; ``apply``: run the inner optimizer and
+      the combine rule on the projected gradients found in
+      ``LowRankState.projected`` (no refresh, the full gradient unused).
+    first: A bool scalar: this is the first micro-batch of the step.
+  """
+
+  phase: str
+  first: Any = True
 
 
 def _validate_scale(scale):
@@ -268,11 +291,21 @@ def lowrank_project(
     return jax.tree.map(keep_if_not_finite, new, basis)
 
   def update_fn(updates, state, params=None, **extra_args):
+    accumulation = extra_args.pop(ACCUMULATION_ARG, None)
+    applying = accumulation is not None and accumulation.phase == "apply"
     plans, treedef = plan(updates)
     inner_tx = inner_for(plans, treedef)
     num_projected = sum(p is not None for p in plans)
+    if applying and combine.reads_gradient and num_projected:
+      raise ValueError(
+          "This lowrank_project's combine rule reads the full gradient (as "
+          "APOLLO, Fira, FRUGAL and Flora do), so its gradients cannot be "
+          "accumulated in the subspace; use optax.MultiSteps instead."
+      )
     grads = treedef.flatten_up_to(updates)
     old_bases = treedef.flatten_up_to(state.bases)
+    stored = (treedef.flatten_up_to(state.projected) if applying
+              else [None] * len(grads))
     params_leaves = (
         [None] * len(grads) if params is None
         else treedef.flatten_up_to(params)
@@ -282,7 +315,8 @@ def lowrank_project(
 
     matrices, new_bases, reduced, inner_params = [], [], [], []
     refreshed, rotations = [], []
-    for g, old, w, p in zip(grads, old_bases, params_leaves, plans):
+    for g, old, w, r_acc, p in zip(
+        grads, old_bases, params_leaves, stored, plans):
       if p is None:
         matrices.append(None)
         new_bases.append(old)
@@ -291,38 +325,57 @@ def lowrank_project(
         refreshed.append(None)
         rotations.append(None)
         continue
-      g2 = p.layout.matricize(g)
-      do_refresh = refresh_schedule(step, p.index, num_projected)
-      key = jax.random.fold_in(base_key, p.index)
-      basis = jax.lax.cond(
-          do_refresh,
-          refresh_leaf,
-          lambda g, b, k, s: b,
-          g2, old.basis, key, step,
-      )
-      matrices.append(g2)
+      if applying:  # the subspace was set by the accumulation's first step
+        basis = old.basis
+        matrices.append(None)
+        reduced.append(r_acc)
+        refreshed.append(None)
+        rotations.append(None)
+      else:
+        g2 = p.layout.matricize(g)
+        do_refresh = refresh_schedule(step, p.index, num_projected)
+        if accumulation is not None:
+          do_refresh = jnp.logical_and(do_refresh, accumulation.first)
+        key = jax.random.fold_in(base_key, p.index)
+        basis = jax.lax.cond(
+            do_refresh,
+            refresh_leaf,
+            lambda g, b, k, s: b,
+            g2, old.basis, key, step,
+        )
+        matrices.append(g2)
+        reduced.append(projector.down(basis, g2))
+        refreshed.append(do_refresh)
+        rotations.append(
+            lambda m, old=old.basis, new=basis: projector.down(
+                new, projector.up(old, m)
+            ).astype(m.dtype)
+        )
       new_bases.append(dataclasses.replace(old, basis=basis))
-      reduced.append(projector.down(basis, g2))
       inner_params.append(
           None if w is None else projector.down(basis, p.layout.matricize(w))
       )
-      refreshed.append(do_refresh)
-      rotations.append(
-          lambda m, old=old.basis, new=basis: projector.down(
-              new, projector.up(old, m)
-          ).astype(m.dtype)
-      )
-
     reduced_tree = treedef.unflatten(reduced)
     inner_state = moments.apply_on_refresh(
         on_refresh,
         inner=inner_tx,
         inner_state=state.inner_state,
         treedef=treedef,
-        refreshed=refreshed,
+        refreshed=[None] * len(plans) if applying else refreshed,
         rotate=rotations,
         fresh_state_fn=lambda: inner_tx.init(reduced_tree),
     )
+    if accumulation is not None and accumulation.phase == "project":
+      projected = [
+          optax.MaskedNode() if p is None else r
+          for r, p in zip(reduced, plans)
+      ]
+      return updates, state._replace(
+          bases=treedef.unflatten(new_bases),
+          inner_state=inner_state,
+          projected=treedef.unflatten(projected),
+      )
+
     inner_updates, inner_state = inner_tx.update(
         reduced_tree,
         inner_state,
