@@ -198,9 +198,23 @@ class MultiSteps:
     )
     return updates, opt_state
 
-  def update(self, updates, state: MultiStepsState, params=None,
-             **extra_args) -> tuple[Any, MultiStepsState]:
-    """Accumulates one micro-batch; the real update on every ``k``-th."""
+  def accumulate(self, updates, state: MultiStepsState, params=None,
+                 **extra_args) -> MultiStepsState:
+    """Adds one micro-batch to the means, never emitting an update.
+
+    For a training step that scans its micro-batches: call this on the first
+    ``k − 1`` and ``update`` on the last (the optimizer is then compiled
+    once, outside the scan).
+
+    Args:
+      updates: The micro-batch's gradients.
+      state: The current state.
+      params: The parameters (as for ``update``).
+      **extra_args: Extra arguments of the wrapped optimizer.
+
+    Returns:
+      The new state.
+    """
     n = state.mini_step
     lowrank = self._project(updates, state.inner_opt_state, params, n == 0,
                             extra_args)
@@ -216,8 +230,18 @@ class MultiSteps:
         state.acc_grads, updates,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
-    state = state._replace(inner_opt_state=inner_opt_state,
-                           acc_grads=acc_grads, acc_projected=acc_projected)
+    return state._replace(
+        mini_step=optax.safe_int32_increment(n),
+        inner_opt_state=inner_opt_state,
+        acc_grads=acc_grads,
+        acc_projected=acc_projected,
+    )
+
+  def update(self, updates, state: MultiStepsState, params=None,
+             **extra_args) -> tuple[Any, MultiStepsState]:
+    """Accumulates one micro-batch; the real update on every ``k``-th."""
+    emitting = state.mini_step == self._k - 1
+    state = self.accumulate(updates, state, params, **extra_args)
 
     def emit(state):
       new_updates, opt_state = self._apply(state, updates, params, extra_args)
@@ -233,10 +257,9 @@ class MultiSteps:
       )
 
     def hold(state):
-      return optax.tree.zeros_like(updates), state._replace(
-          mini_step=optax.safe_int32_increment(state.mini_step))
+      return optax.tree.zeros_like(updates), state
 
-    return jax.lax.cond(n == self._k - 1, emit, hold, state)
+    return jax.lax.cond(emitting, emit, hold, state)
 
   def has_updated(self, state: MultiStepsState) -> jax.Array:
     """True right after a step that produced a real update."""

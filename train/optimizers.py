@@ -93,9 +93,34 @@ def make_schedule(lr: float, steps: int, warmup_fraction: float = 0.1,
       decay_steps=max(steps, warmup + 1), end_value=lr * final_fraction)
 
 
-def build(name: str, args, schedule, mask, dims) -> optax.GradientTransformation:
-  """The full transform: optional global-norm clipping, then the named optimizer."""
+def build(name: str, args, schedule, mask, dims, *,
+          clip: bool = True) -> optax.GradientTransformation:
+  """The full transform: optional global-norm clipping (`clip` and `--clip`), then the
+  named optimizer."""
   tx = available()[name](args, schedule, mask, dims)
-  if args.clip and args.clip > 0:
+  if clip and args.clip and args.clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(args.clip), tx)
+  return tx
+
+
+
+def build_accumulating(name: str, args, schedule, mask, dims, params):
+  """`optax_lowrank.MultiSteps` over `--micro-batches` for `--accumulate` auto/subspace.
+
+  Returns None where gradients are accumulated at full size instead: one micro-batch,
+  `--accumulate full`, or `auto` with an optimizer whose update reads the full gradient
+  (APOLLO, Fira, FRUGAL, Flora). `params` may be abstract (`jax.ShapeDtypeStruct`s).
+  """
+  if args.micro_batches == 1 or args.accumulate == "full":
+    return None
+  import jax
+  import optax_lowrank
+  tx = optax_lowrank.MultiSteps(build(name, args, schedule, mask, dims, clip=False),
+                                args.micro_batches)
+  try:
+    jax.eval_shape(tx.init, params)
+  except ValueError as e:
+    if args.accumulate == "subspace":
+      raise ValueError(f"--accumulate subspace: {e}") from None
+    return None
   return tx

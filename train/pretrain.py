@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--steps", type=int, default=1000)
   g.add_argument("--batch-size", type=int, default=32, help="global sequences per step")
   g.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation")
+  g.add_argument("--accumulate", choices=("auto", "subspace", "full"), default="auto",
+                 help="where micro-batch gradients are summed: in each projected leaf's "
+                 "subspace (optax_lowrank.MultiSteps), or at full size; auto: the subspace "
+                 "when the optimizer allows it")
   g.add_argument("--eval-every", type=int, default=100)
   g.add_argument("--eval-batches", type=int, default=8)
   g.add_argument("--eval-batch-size", type=int, default=None, help="default: micro-batch")
@@ -256,6 +260,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   mask, dims = lowrank_spec(abstract_params, cfg)
   try:  # bad optimizer arguments surface here, as one line naming the parameter
     tx = optimizers.build(args.optimizer, args, schedule, mask, dims)
+    with shd.set_mesh(mesh):
+      accumulating = optimizers.build_accumulating(
+          args.optimizer, args, schedule, mask, dims, abstract_params)
+    if accumulating is not None:
+      tx = accumulating
     init, abstract_state, shardings, _ = steps.state_shardings(cfg, tx, mesh)
   except ValueError as e:
     sys.exit(f"python -m train.pretrain: error: --optimizer {args.optimizer}: {e}")
@@ -266,6 +275,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
       f"matrices), d={cfg.d_model} layers={cfg.num_layers} vocab={cfg.vocab_size} "
       f"context={cfg.max_seq_len}; mesh {dict(args.mesh_shape)} on {jax.device_count()} "
       f"{jax.devices()[0].platform} devices")
+  if args.micro_batches > 1:
+    say(f"gradient accumulation over {args.micro_batches} micro-batches: "
+        + ("full size" if accumulating is None else
+           "in the subspace (projected leaves), each micro-batch clipped"
+           if args.clip else "in the subspace (projected leaves)"))
 
   os.makedirs(args.out, exist_ok=True)
   ckpt = None
@@ -285,7 +299,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     micro = args.batch_size // args.micro_batches
     batch_shape = (args.micro_batches, micro, args.seq_len + 1)
     abstract_batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)
-    train_step = jax.jit(steps.make_train_step(graphdef, tx, schedule),
+    make_step = (steps.make_train_step(graphdef, tx, schedule) if accumulating is None
+                 else steps.make_subspace_train_step(graphdef, tx, schedule, args.clip))
+    train_step = jax.jit(make_step,
                          in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, None), donate_argnums=0)
     compiled = train_step.lower(abstract_state, abstract_batch).compile()

@@ -92,6 +92,51 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None):
   return step
 
 
+def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0):
+  """step(state, batch (k, b/k, T+1)) → (state, metrics), accumulating in the subspace.
+
+  `tx` is an `optax_lowrank.MultiSteps` over k micro-batches: each micro-batch's gradient
+  is projected at once (`tx.accumulate`), so the projected leaves never get a full-size
+  accumulator; the last micro-batch's `tx.update` runs the optimizer on the means. With
+  `clip > 0` each micro-batch's gradient is clipped to that global norm before it is
+  accumulated (the mean's full gradient is never formed, so it cannot be clipped as a
+  whole); `micro_grad_norm` logs the mean norm of the micro-batch gradients.
+  """
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
+
+  def micro_grads(params, tokens):
+    loss, grads = grad_fn(params, tokens)
+    norm = optax.tree.norm(grads)
+    if clip and clip > 0:
+      factor = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
+      grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
+    return loss, norm, grads
+
+  def step(state: State, batch: jax.Array):
+    params = state["params"]
+
+    def micro(carry, tokens):
+      loss_sum, norm_sum, opt_state = carry
+      loss, norm, grads = micro_grads(params, tokens)
+      opt_state = tx.accumulate(grads, opt_state, params)
+      return (loss_sum + loss, norm_sum + norm, opt_state), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss, norm, opt_state), _ = jax.lax.scan(
+        micro, (zero, zero, state["opt_state"]), batch[:-1])
+    last_loss, last_norm, grads = micro_grads(params, batch[-1])
+    updates, opt_state = tx.update(grads, opt_state, params)
+    k = batch.shape[0]
+    metrics = {"loss": (loss + last_loss) / k, "micro_grad_norm": (norm + last_norm) / k}
+    if schedule is not None:
+      metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state}
+    return new_state, metrics
+
+  return step
+
+
 def make_eval_step(graphdef):
   """eval(params, tokens (b, T+1)) → (sum of token losses, token count)."""
   def eval_step(params, tokens):
