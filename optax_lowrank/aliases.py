@@ -661,8 +661,9 @@ def vlorp(
   ``√(1 − b2ᵗ)/(1 − b1ᵗ) · scale·up(m) / (√V̂ + eps)``. Per matrix the state is
   ``max(m, n)·c·r + m + n`` floats, so ``c·r`` is the memory budget: the paper
   finds finer units (large ``c``, small ``r``) better at a fixed budget.
-  Leaves that are not projected (embeddings, norms, LM head) get AdamW.
-  Gradients can be accumulated in the subspace with
+  Leaves that are not projected (embeddings, norms, LM head) get AdamW
+  (``inner.scale_by_adam_leafwise``: ``optax.scale_by_adam`` with its bias
+  corrections computed to float32 accuracy). Gradients can be accumulated in the subspace with
   ``optax_lowrank.MultiSteps``.
 
   Follows the authors' ``optim/projfactor.py``: the matrix is ``N(0, 1)``
@@ -728,7 +729,7 @@ def vlorp(
           granularity=granularity, mask=mask,
           dimension_numbers=dimension_numbers, on_refresh="keep",
           stagger=stagger, combine=combine_lib.projfactor(b2, eps),
-          unprojected=optax.scale_by_adam(b1, b2, eps), seed=seed,
+          unprojected=inner_lib.scale_by_adam_leafwise(b1, b2, eps), seed=seed,
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),

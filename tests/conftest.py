@@ -18,3 +18,15 @@ os.environ.setdefault(
     " --xla_cpu_enable_concurrency_optimized_scheduler=false",
 )
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+import jax  # noqa: E402  (after the flags above)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  """A 4 x 2 mesh of simulated CPU devices with axes ("a", "b")."""
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  return jax.make_mesh((4, 2), ("a", "b"))

@@ -40,6 +40,8 @@ ALIASES = {
                                        dimension_numbers=DIMS),
     "flora": lambda: ol.flora(0.1, rank=4, kappa=2, min_dim_size_to_factor=16,
                               momentum_dtype=jnp.float32, dimension_numbers=DIMS),
+    "vlorp": lambda: ol.vlorp(0.1, rank=2, granularity=4, update_proj_gap=2,
+                              dimension_numbers=DIMS, weight_decay=0.01),
 }
 
 
@@ -58,12 +60,6 @@ def _lowrank_states(state):
   return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ol.LowRankState))
           if isinstance(s, ol.LowRankState)]
 
-
-@pytest.fixture(scope="module")
-def mesh():
-  if jax.device_count() < 8:
-    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-  return jax.make_mesh((4, 2), ("a", "b"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,7 +80,7 @@ def _unsharded_run(name):
 SHARDED_CASES = [(name, "both") for name in sorted(ALIASES)] + [
     ("apollo", "rows"), ("apollo", "cols")]
 # One alias per kind of state (basis types, limiter, factored moments); GaLore has its own.
-ROUNDTRIP = ("apollo", "fira", "frugal_blocks", "frugal_columns", "flora")
+ROUNDTRIP = ("apollo", "fira", "frugal_blocks", "frugal_columns", "flora", "vlorp")
 
 
 @pytest.mark.parametrize("name, case", SHARDED_CASES)

@@ -22,12 +22,6 @@ def _tree(seed):
   return {k: jax.random.normal(key, s) for key, (k, s) in zip(keys, SHAPES.items())}
 
 
-@pytest.fixture(scope="module")
-def mesh():
-  if jax.device_count() < 8:
-    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-  return jax.make_mesh((4, 2), ("a", "b"))
-
 
 def _spec_entry(spec, axis):
   return spec[axis] if axis < len(spec) else None

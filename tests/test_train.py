@@ -115,6 +115,47 @@ def test_micro_batch_accumulation_equals_one_big_batch():
                acc["opt_state"], jax.device_get(grads))
 
 
+def test_subspace_accumulation_step_equals_one_big_batch():
+  """vlorp through optax_lowrank.MultiSteps over 4 micro-batches (no clipping) gives the
+  same step as vlorp on the whole batch: projection is linear and the matrix is drawn
+  once per step."""
+  import optax_lowrank as ol
+  cfg = CFG.replace(d_model=64, d_ff=160)
+  graphdef, abstract = steps.abstract_model(cfg)
+  mask, dims = lowrank_spec(pure_dict(nnx.state(abstract, nnx.Param)), cfg)
+  make = lambda: ol.vlorp(1e-2, rank=2, granularity=4, mask=mask, dimension_numbers=dims)
+  mesh = shd.make_mesh({}, devices=jax.devices()[:1])
+  tokens = _batch(16, seed=3)
+  params, whole, m1, _ = _run_step(cfg, make(), mesh, tokens.reshape(1, 16, SEQ + 1))
+  acc = ol.MultiSteps(make(), 4)
+  init, _, shardings, _ = steps.state_shardings(cfg, acc, mesh)
+  with shd.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    step = jax.jit(steps.make_subspace_train_step(graphdef, acc, clip=0.0))
+    new, m4 = jax.device_get(step(state, tokens.reshape(4, 4, SEQ + 1)))
+  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+  for path in (("layers", "attn", "q", "kernel"), ("layers", "mlp", "down", "kernel"),
+               ("embed",)):
+    a, b, p = new["params"], whole["params"], params
+    for k in path:
+      a, b, p = a[k], b[k], p[k]
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b - p).max(), path  # step ~1e-2
+
+
+def test_accumulate_flag_picks_the_path(tmp_path, capsys):
+  _, out = _train(tmp_path, "sub", "--optimizer", "vlorp", "--opt-args", "granularity=4",
+                  "--micro-batches", "2", "--batch-size", "16", "--steps", "2")
+  assert "in the subspace" in capsys.readouterr().out
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    assert any("micro_grad_norm" in json.loads(line) for line in f)
+  _train(tmp_path, "full", "--optimizer", "apollo", "--rank", "4", "--micro-batches", "2",
+         "--batch-size", "16", "--steps", "2")
+  assert "full size" in capsys.readouterr().out  # auto: APOLLO reads the full gradient
+  with pytest.raises(SystemExit, match="--accumulate subspace"):
+    _train(tmp_path, "bad", "--optimizer", "apollo", "--rank", "4", "--micro-batches", "2",
+           "--batch-size", "16", "--accumulate", "subspace")
+
+
 def _train(tmp_path, name, *extra):
   out = str(tmp_path / name)
   argv = ["--model", "tiny", "--seq-len", "32", "--batch-size", "8", "--steps", "6",
@@ -230,9 +271,9 @@ def test_every_registered_optimizer_trains_by_name(name):
   """`--optimizer <name>` works for every alias in the library's registry, with its own
   defaults (no flag given), on the scanned tiny model: one finite step that moves the
   projected and the unprojected weights."""
-  args = pretrain.parse_args(["--optimizer", name, "--opt-args",
-                              "rank=4" if name in ("galore", "fira", "apollo", "flora")
-                              else ""], num_devices=8)
+  opt_args = {"galore": "rank=4", "fira": "rank=4", "apollo": "rank=4", "flora": "rank=4",
+              "vlorp": "granularity=4"}.get(name, "")  # the model's sides are 64 and 160
+  args = pretrain.parse_args(["--optimizer", name, "--opt-args", opt_args], num_devices=8)
   cfg = CFG.replace(d_model=64, d_ff=160)
   abstract = pure_dict(nnx.state(steps.abstract_model(cfg)[1], nnx.Param))
   mask, dims = lowrank_spec(abstract, cfg)

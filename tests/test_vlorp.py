@@ -81,7 +81,7 @@ def test_svd_projector_on_the_regrouped_matrix(R, C, c):
 def test_state_bytes_are_the_budget_plus_row_and_column_factors():
   """Per projected matrix: max(R, C)·c·r first-moment floats, R + C factored
   second-moment floats, no stored projection (an 8-byte key) and a 4-byte step count;
-  unprojected leaves keep AdamW's two moments."""
+  unprojected leaves keep AdamW's two moments and a step count."""
   params = {"w": jnp.zeros((64, 256)), "v": jnp.zeros((256, 64)),
             "layers": jnp.zeros((3, 128, 64)), "b": jnp.zeros(64),
             "emb": jnp.zeros((100, 64))}
@@ -96,7 +96,8 @@ def test_state_bytes_are_the_budget_plus_row_and_column_factors():
                             "['layers']": (3, 64, 128)}.items():
       want = 4 * L * (max(R, C) * c * r + R + C) + 8 + 4
       assert by_path[path] == want, (path, c, r, by_path[path], want)
-    assert by_path["['b']"] == 2 * 4 * 64 and by_path["['emb']"] == 2 * 4 * 100 * 64
+    assert by_path["['b']"] == 2 * 4 * 64 + 4
+    assert by_path["['emb']"] == 2 * 4 * 100 * 64 + 4
     # The budget c·r fixes the projected state whatever the split.
     if c >= 1:
       assert by_path["['w']"] == 4 * (256 * 16 + 256 + 64) + 12
