@@ -1,11 +1,22 @@
-"""When a leaf renews its subspace."""
+"""When a leaf renews its subspace, and how much of it it keeps.
+
+``every`` is the schedule ``lowrank_project`` runs; ``lazy`` (Q-GaLore) and
+``adaptive_rank`` (AdaRankGrad) wrap a projector, keeping per-matrix state
+(its own gap, its own rank) in the basis, so that they compose with any
+SVD-type projector and need nothing from the core.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from optax_lowrank.projectors.base import Projector
+from optax_lowrank.projectors.svd import LeftBasis, RightBasis
 
 # refresh(step, leaf_index, num_leaves) -> bool scalar
 RefreshSchedule = Callable[[jax.Array, int, int], jax.Array]
@@ -41,3 +52,237 @@ def every(update_proj_gap: int, *, stagger: bool = False) -> RefreshSchedule:
     return (step == 0) | ((shifted >= 0) & (shifted % update_proj_gap == 0))
 
   return refresh
+
+
+def _first_vector(basis) -> jax.Array:
+  """The leading singular vector of an SVD-type basis, ``(batch..., length)``."""
+  if isinstance(basis, RightBasis):
+    return basis.vh[..., 0, :]
+  if isinstance(basis, LeftBasis):
+    return basis.u[..., :, 0]
+  raise ValueError(
+      "lazy refresh needs an SVD-type basis (projectors.svd or "
+      f"randomized_svd with proj_type other than 'full'), got {type(basis)}"
+  )
+
+
+def _per_matrix(mask: jax.Array, leaf: jax.Array) -> jax.Array:
+  """``mask`` (batch...) broadcast against a basis leaf (batch..., p, q)."""
+  return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LazyBasis:
+  """State of ``lazy``: the wrapped basis and, per matrix, its own refresh gap.
+
+  Attributes:
+    basis: The wrapped projector's basis.
+    gap: Current refresh gap of each matrix (int32, ``(batch...)``).
+    similarities: The last ``queue_size`` cosine similarities between
+      consecutive leading singular vectors, newest last (``(batch..., q)``).
+    count: How many of them are filled (int32, ``(batch...)``).
+    previous: Leading singular vector of the last refresh (``(batch..., l)``).
+  """
+
+  basis: Any
+  gap: jax.Array
+  similarities: jax.Array
+  count: jax.Array
+  previous: jax.Array
+
+
+def lazy(
+    projector: Projector,
+    update_proj_gap: int,
+    *,
+    cos_threshold: float = 0.4,
+    queue_size: int = 5,
+    gamma: int = 2,
+) -> Projector:
+  """Q-GaLore's lazy subspace refresh: a stable subspace is renewed less often.
+
+  Each matrix keeps its own gap, starting at ``update_proj_gap``. At every
+  refresh the cosine similarity between the new and the previous leading
+  singular vector joins a queue of the last ``queue_size``; once the queue is
+  full and its mean reaches ``cos_threshold``, the gap is multiplied by
+  ``gamma`` (again at each later refresh while that holds, as in the code). A
+  matrix refreshes on steps that are multiples of its gap; ``lowrank_project``
+  asks on multiples of ``update_proj_gap`` (give it the same gap), and the
+  SVD runs only when some matrix of the leaf is due.
+
+  The similarity is signed, as in the code; our SVD signs are deterministic
+  (``projectors.svd``), where torch's are not. Use it with
+  ``on_refresh="keep"`` (Q-GaLore) or ``rotate``: ``lowrank_project`` sees a
+  refresh on every multiple of ``update_proj_gap``, and ``reset`` would reset
+  moments that a skipped matrix still uses.
+
+  Args:
+    projector: An SVD-type projector (``projectors.svd`` or
+      ``randomized_svd``, not ``proj_type="full"``).
+    update_proj_gap: The initial gap (and ``lowrank_project``'s).
+    cos_threshold: Mean similarity above which the gap grows.
+    queue_size: How many consecutive similarities are averaged.
+    gamma: Factor by which the gap grows (an int >= 2).
+
+  Returns:
+    A ``Projector`` whose basis is a ``LazyBasis``.
+
+  Example:
+    >>> import optax, optax_lowrank
+    >>> from optax_lowrank import projectors, schedules
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax.scale_by_adam(), rank=4, update_proj_gap=50,
+    ...     projector=schedules.lazy(projectors.svd(), 50))
+
+  References:
+    Zhang et al., `Q-GaLore: Quantized GaLore with INT4 Projection and
+    Layer-Adaptive Low-Rank Gradients <https://arxiv.org/abs/2407.08296>`_,
+    2024; code: github.com/VITA-Group/Q-GaLore
+    (``q_galore_projector.py``).
+  """
+  if not isinstance(update_proj_gap, int) or update_proj_gap < 1:
+    raise ValueError(
+        f"`update_proj_gap` must be a positive int, got {update_proj_gap!r}")
+  if not isinstance(queue_size, int) or queue_size < 1:
+    raise ValueError(f"`queue_size` must be a positive int, got {queue_size!r}")
+  if not isinstance(gamma, int) or gamma < 2:
+    raise ValueError(f"`gamma` must be an int >= 2, got {gamma!r}")
+  if not -1.0 <= cos_threshold <= 1.0:
+    raise ValueError(
+        f"`cos_threshold` must be in [-1, 1], got {cos_threshold!r}")
+
+  def init(info, dtype):
+    basis = projector.init(info, dtype)
+    first = _first_vector(basis)
+    batch = info.batch_shape
+    return LazyBasis(
+        basis=basis,
+        gap=jnp.full(batch, update_proj_gap, jnp.int32),
+        similarities=jnp.zeros(batch + (queue_size,), jnp.float32),
+        count=jnp.zeros(batch, jnp.int32),
+        previous=jnp.zeros(first.shape, jnp.float32),
+    )
+
+  def refresh(g, state, key, step):
+    due = (step % state.gap) == 0
+
+    def renew(g, state):
+      new = projector.refresh(g, state.basis, key, step)
+      first = _first_vector(new).astype(jnp.float32)
+      norms = (jnp.linalg.norm(first, axis=-1)
+               * jnp.linalg.norm(state.previous, axis=-1))
+      cos = jnp.sum(first * state.previous, axis=-1) / jnp.where(
+          norms > 0, norms, 1.0)
+      has_previous = norms > 0
+      pushed = jnp.concatenate(
+          [state.similarities[..., 1:], cos[..., None]], axis=-1)
+      push = due & has_previous
+      similarities = jnp.where(push[..., None], pushed, state.similarities)
+      count = jnp.where(push, jnp.minimum(state.count + 1, queue_size),
+                        state.count)
+      stable = (count == queue_size) & (
+          jnp.mean(similarities, axis=-1) >= cos_threshold)
+      gap = jnp.where(push & stable, state.gap * gamma, state.gap)
+      basis = jax.tree.map(
+          lambda n, o: jnp.where(_per_matrix(due, o), n.astype(o.dtype), o),
+          new, state.basis)
+      previous = jnp.where(due[..., None], first, state.previous)
+      return LazyBasis(basis, gap, similarities, count, previous)
+
+    return jax.lax.cond(jnp.any(due), renew, lambda g, s: s, g, state)
+
+  def down(state, g):
+    return projector.down(state.basis, g)
+
+  def up(state, r):
+    return projector.up(state.basis, r)
+
+  return Projector(init, refresh, down, up)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdaptiveRankBasis:
+  """State of ``adaptive_rank``: the wrapped basis at the maximum rank and the
+  rank in use per matrix (directions beyond it are zeroed)."""
+
+  basis: Any
+  rank: jax.Array  # int32 (batch...)
+
+
+def adaptive_rank(projector: Projector, threshold: float = 0.9) -> Projector:
+  """AdaRankGrad-style adaptive rank: the smallest rank capturing ``threshold``.
+
+  The rule (the paper states the idea, its code is not public): at each
+  refresh the wrapped projector finds a basis at the maximum rank ``r`` (the
+  ``rank`` of ``lowrank_project``, ordered by importance as SVD bases are);
+  with ``eᵢ = ‖down(G)ᵢ‖²`` the energy of the gradient along direction ``i``,
+  the matrix keeps the smallest ``k`` with ``Σ_{i<k} eᵢ ≥ threshold·‖G‖²``
+  (``k = r`` if none does), never more than its previous ``k``: ranks only
+  decrease, as the gradient's effective rank does during training. Directions
+  ``≥ k`` are zeroed in the basis, so shapes stay static (state is sized for
+  ``r``) and the zeroed coordinates contribute nothing to the update.
+
+  Args:
+    projector: A projector whose basis vectors are ordered by importance
+      (``projectors.svd``, ``randomized_svd``; not ``proj_type="full"``).
+    threshold: Fraction of ``‖G‖²`` to capture, in (0, 1].
+
+  Returns:
+    A ``Projector`` whose basis is an ``AdaptiveRankBasis``.
+
+  Example:
+    >>> import optax, optax_lowrank
+    >>> from optax_lowrank import projectors, schedules
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax.scale_by_adam(), rank=16,
+    ...     projector=schedules.adaptive_rank(projectors.svd(), 0.9))
+
+  References:
+    Refael et al., `AdaRankGrad: Adaptive Gradient-Rank and Moments for
+    Memory-Efficient LLMs Training and Fine-Tuning
+    <https://arxiv.org/abs/2410.17881>`_, ICLR 2025.
+  """
+  if not 0.0 < threshold <= 1.0:
+    raise ValueError(f"`threshold` must be in (0, 1], got {threshold!r}")
+
+  def masked(basis, keep):
+    """Zeroes the directions ``i >= keep`` (``keep``: (batch...))."""
+    if isinstance(basis, RightBasis):
+      r = basis.vh.shape[-2]
+      on = jnp.arange(r) < keep[..., None]
+      return RightBasis(basis.vh * on[..., :, None].astype(basis.vh.dtype))
+    if isinstance(basis, LeftBasis):
+      r = basis.u.shape[-1]
+      on = jnp.arange(r) < keep[..., None]
+      return LeftBasis(basis.u * on[..., None, :].astype(basis.u.dtype))
+    raise ValueError(
+        "adaptive_rank needs an SVD-type basis (projectors.svd or "
+        f"randomized_svd, not proj_type='full'), got {type(basis)}")
+
+  def init(info, dtype):
+    basis = projector.init(info, dtype)
+    return AdaptiveRankBasis(
+        basis, jnp.full(info.batch_shape, info.rank, jnp.int32))
+
+  def refresh(g, state, key, step):
+    new = projector.refresh(g, state.basis, key, step)
+    r_axis = -1 if isinstance(new, LeftBasis) else -2
+    energy = jnp.sum(jnp.square(projector.down(new, g)),
+                     axis=-2 if r_axis == -1 else -1)  # (batch..., r)
+    total = jnp.sum(jnp.square(g), axis=(-2, -1))
+    captured = jnp.cumsum(energy, axis=-1) >= threshold * total[..., None]
+    r = energy.shape[-1]
+    k = jnp.where(jnp.any(captured, axis=-1),
+                  jnp.argmax(captured, axis=-1) + 1, r).astype(jnp.int32)
+    k = jnp.minimum(k, state.rank)
+    return AdaptiveRankBasis(masked(new, k), k)
+
+  def down(state, g):
+    return projector.down(state.basis, g)
+
+  def up(state, r):
+    return projector.up(state.basis, r)
+
+  return Projector(init, refresh, down, up)

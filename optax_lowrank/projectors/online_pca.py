@@ -1,0 +1,175 @@
+"""Online Subspace Descent: the basis follows the gradient by online PCA steps."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from optax_lowrank import shapes
+from optax_lowrank.inner import adam as adam_lib
+from optax_lowrank.projectors import matmul
+from optax_lowrank.projectors.base import Projector
+from optax_lowrank.projectors.svd import LeftBasis, RightBasis, svd
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OnlinePCABasis:
+  """State of ``online_pca``.
+
+  Attributes:
+    basis: The basis used at this step (``RightBasis`` or ``LeftBasis``).
+    next: The basis after this step's update (used from the next step on).
+    mu: AdamW first moment of the basis matrix.
+    nu: AdamW second moment.
+    count: AdamW steps taken (int32).
+  """
+
+  basis: Any
+  next: Any
+  mu: jax.Array
+  nu: jax.Array
+  count: jax.Array
+
+
+def _matrix(basis) -> jax.Array:
+  return basis.vh if isinstance(basis, RightBasis) else basis.u
+
+
+def _wrap(like, x):
+  return RightBasis(x) if isinstance(like, RightBasis) else LeftBasis(x)
+
+
+def reconstruction_grad(p: jax.Array, g: jax.Array, side: str) -> jax.Array:
+  """Gradient in ``p`` of ``‖Ĝ PᵀP − Ĝ‖²`` (right) or ``‖P Pᵀ Ĝ − Ĝ‖²`` (left).
+
+  ``Ĝ = G/‖G‖``; ``g`` is ``Gᵀ`` in the parameter's layout ``(batch..., n, m)``,
+  ``p`` the basis matrix (``(r, n)`` right, ``(m, r)`` left). Written with
+  explicit contractions so that a gradient sharded along either axis is never
+  gathered.
+  """
+  norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=(-2, -1), keepdims=True))
+  g = g / jnp.where(norm > 0, norm, 1.0)
+  spec = shapes.explicit_spec(p)
+  out = shapes.out_sharding(spec)
+  if side == "right":  # ĝ = Ĝᵀ (n, m), P (r, n): E = PᵀPĝ − ĝ
+    a = matmul.down_right(p, g)                      # P ĝ, (r, m)
+    e = matmul.up_right(p, a) - g                    # (n, m)
+    pe = matmul.down_right(p, e)                     # P E, (r, m)
+    return 2.0 * (jnp.einsum("...rm,...nm->...rn", a, e, out_sharding=out)
+                  + jnp.einsum("...rm,...nm->...rn", pe, g, out_sharding=out))
+  # left: ĝ (n, m), U = P (m, r): E = ĝ U Uᵀ − ĝ
+  a = matmul.down_left(p, g)                         # ĝ U, (n, r)
+  e = matmul.up_left(p, a) - g                       # (n, m)
+  eu = matmul.down_left(p, e)                        # E U, (n, r)
+  return 2.0 * (jnp.einsum("...nm,...nr->...mr", g, eu, out_sharding=out)
+                + jnp.einsum("...nm,...nr->...mr", e, a, out_sharding=out))
+
+
+def online_pca(
+    update_proj_gap: int,
+    proj_type: str = "std",
+    *,
+    lr_ratio: Optional[Callable[[jax.Array], jax.Array]] = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> Projector:
+  """Online Subspace Descent: one AdamW step on the basis per update.
+
+  The basis starts as GaLore's (exact SVD of the first gradient, step 0). From
+  then on, every step uses the current basis ``P`` and then moves it by one
+  AdamW step (torch's defaults: ``b1 = 0.9``, ``b2 = 0.999``, ``eps = 1e-8``,
+  decoupled ``weight_decay = 0.01``) on the online-PCA loss
+  ``‖Ĝ PᵀP − Ĝ‖²`` (``‖P Pᵀ Ĝ − Ĝ‖²`` on the left), ``Ĝ = G/‖G‖``, with
+  learning rate ``lr_ratio(step) / update_proj_gap``: the reference code's
+  ``1/update_proj_gap`` times the ratio of the optimizer's current to initial
+  learning rate. As in the code, the step uses ``P`` before its update (the
+  update is kept for the next step). Needs ``lowrank_project(...,
+  update_proj_gap=1)``, so that the basis moves every step; this projector's
+  own ``update_proj_gap`` only sets the basis learning rate.
+
+  Args:
+    update_proj_gap: GaLore's gap; the basis learning rate is its inverse.
+    proj_type: ``std``, ``reverse_std``, ``left`` or ``right``.
+    lr_ratio: ``step -> lr(step) / lr_peak`` of the model's optimizer, or
+      ``None`` for a constant 1.
+    b1: AdamW first-moment decay for the basis.
+    b2: AdamW second-moment decay for the basis.
+    eps: AdamW epsilon for the basis.
+    weight_decay: AdamW decoupled weight decay for the basis.
+
+  Returns:
+    A ``Projector`` whose basis is an ``OnlinePCABasis``.
+
+  Example:
+    >>> import optax, optax_lowrank
+    >>> from optax_lowrank.projectors import online_pca
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax.scale_by_adam(), rank=4, update_proj_gap=1,
+    ...     projector=online_pca(200))
+
+  References:
+    Liang et al., `Memory-Efficient LLM Training with Online Subspace Descent
+    <https://arxiv.org/abs/2408.12857>`_, NeurIPS 2024; code:
+    github.com/kyleliang919/Online-Subspace-Descent
+    (``galore_projector.py``, ``proj_type="continuous"``).
+  """
+  if not isinstance(update_proj_gap, int) or update_proj_gap < 1:
+    raise ValueError(
+        f"`update_proj_gap` must be a positive int, got {update_proj_gap!r}")
+  if proj_type not in PROJ_TYPES:
+    raise ValueError(
+        f"`proj_type` must be one of {PROJ_TYPES}, got {proj_type!r}")
+  adam_lib.validate(b1, b2, eps)
+  if not weight_decay >= 0.0:
+    raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}")
+  exact = svd(proj_type)
+
+  def init(info, dtype):
+    basis = exact.init(info, jnp.float32)
+    m = _matrix(basis)
+    return OnlinePCABasis(basis, basis, jnp.zeros_like(m), jnp.zeros_like(m),
+                          jnp.zeros([], jnp.int32))
+
+  def first(g, state, key, step):
+    basis = exact.refresh(g, state.basis, key, step)
+    return dataclasses.replace(state, basis=basis, next=basis)
+
+  def descend(g, state, key, step):
+    del key
+    basis = state.next
+    p = _matrix(basis)
+    side = "right" if isinstance(basis, RightBasis) else "left"
+    grad = reconstruction_grad(p, g, side)
+    ratio = 1.0 if lr_ratio is None else jnp.asarray(lr_ratio(step), jnp.float32)
+    lr = ratio / update_proj_gap
+    count = state.count + 1
+    mu = b1 * state.mu + (1.0 - b1) * grad
+    nu = b2 * state.nu + (1.0 - b2) * jnp.square(grad)
+    decayed = p * (1.0 - lr * weight_decay)
+    denom = jnp.sqrt(nu) / jnp.sqrt(adam_lib.bias_correction(b2, count)) + eps
+    new = decayed - lr / adam_lib.bias_correction(b1, count) * mu / denom
+    return OnlinePCABasis(basis, _wrap(basis, new.astype(p.dtype)), mu, nu,
+                          count)
+
+  def refresh(g, state, key, step):
+    def keep_sharding(branch):
+      return lambda *args: jax.tree.map(shapes.reshard_like, branch(*args), state)
+    return jax.lax.cond(step == 0, keep_sharding(first), keep_sharding(descend),
+                        g, state, key, step)
+
+  def down(state, g):
+    return exact.down(state.basis, g)
+
+  def up(state, r):
+    return exact.up(state.basis, r)
+
+  return Projector(init, refresh, down, up)
