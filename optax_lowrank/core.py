@@ -13,6 +13,13 @@ Each projected leaf decides its refresh with one ``lax.cond`` over the whole
 stack of its matrices (batch axes are handled inside the branch by batched
 linear algebra, never by a ``vmap`` around the ``cond``), so the subspace
 computation runs on refresh steps only.
+
+Gradient accumulation in the subspace (``accumulation.MultiSteps``) splits an
+update in two phases, asked for through the extra argument
+``ACCUMULATION_ARG``: ``project`` (refresh if due, on the first micro-batch
+only, and project) and ``apply`` (inner optimizer and combine rule on the
+accumulated projected gradients); the projected gradients travel in
+``LowRankState.projected``.
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ import optax
 
 from optax_lowrank import combine as combine_lib
 from optax_lowrank import moments
+from optax_lowrank import projectors
 from optax_lowrank import schedules
 from optax_lowrank import shapes
-from optax_lowrank import projectors
 from optax_lowrank.projectors import Projector, svd
 
 
@@ -175,8 +182,9 @@ def lowrank_project(
     unprojected: The transform for leaves that are not projected, or
       ``None`` (default): ``inner`` updates them too, at full shape. When
       given, the two run side by side as ``optax.partition`` does (each on
-      its own leaves), as in reference codes that pair a subspace method with
-      full AdamW for embeddings, norms and the LM head (VLoRP).
+      its own leaves, so a global-norm clip inside ``inner`` then sees the
+      projected leaves only), as in reference codes that pair a subspace
+      method with full AdamW for embeddings, norms and the LM head (VLoRP).
     seed: Seed for projectors that draw random bases.
 
   Returns:

@@ -119,6 +119,9 @@ def test_svd_refresh_uses_the_first_micro_batch():
   want = -lr * scale * (proj / (np.abs(proj) + eps)) @ v
   got = np.asarray(u["w"], np.float64).T
   assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+  # The accumulator is GaLore's projected gradient (r × R), not the 16 × 48 matrix.
+  assert jax.tree.map(jnp.shape, state.acc_projected) == ({"w": (r, R)},)
+  assert state.acc_grads == {"w": optax.MaskedNode()}
 
 
 def test_without_lowrank_it_is_optax_multisteps():
