@@ -25,12 +25,28 @@ known, projecting only the attention and MLP matrices (``mask`` and
 * frugal: density 0.25, subspace ``columns`` (the layers are not stacked);
   ``frugal[blocks]``: density 0.25, subspace ``blocks`` on the same model
   built with ``scan_layers=True`` (blocks are whole matrices of a stack);
+* vlorp: the VLoRP paper's fixed budget ``c·r = 256`` (Wang et al., ICML
+  2025, arXiv 2505.01744) at the levels ``(c, r)`` = (256, 1), (64, 4),
+  (16, 16), (4, 64), (1, 256), rows ``vlorp[c=..,r=..]``; its first moment is
+  ``max(m, n)·c·r`` per projected matrix, the same at every level, plus the
+  factored second moment (``m + n``) and a key, so the levels' states are
+  equal to within the key and count bytes (the script checks the projected
+  part against that formula);
 * any other registered name (e.g. flora): its defaults, with GaLore's rank
   for the size if it takes a ``rank``, and the mask and dimension numbers if it
   takes them. A factory that fails to build is skipped with the reason
   printed.
 
 GB is 10^9 bytes throughout; the JSON also has exact bytes and GiB.
+
+Gradient accumulation (``--accum-k``, default 4): the accumulator bytes of
+``optax.MultiSteps(optax.adamw, k)`` (a full-size running mean, float32 by
+default) next to ``optax_lowrank.MultiSteps(vlorp[c=256,r=1], k)`` (projected
+leaves accumulated at projected size, ``max(m, n)·c·r`` in the gradient's
+dtype; the others full-size in float32) and, for the same optimizer,
+``optax.MultiSteps(vlorp[c=256,r=1], k)`` (full-size). Accumulator bytes are
+those of ``acc_grads`` (and ``acc_projected``) in
+``jax.eval_shape(multi.init, params)``; the totals add the wrapped state.
 
 Comparison with GaLore's Table 6 (BF16 optimizer states: Full .23 / .51 /
 1.37 / 5.20 GB, GaLore .13 / .28 / .54 / 1.78 GB for 60M / 130M / 350M / 1B).
@@ -95,6 +111,9 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 GALORE_RANK = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 APOLLO_RANK = {"60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}
 FRUGAL_DENSITY = 0.25
+# VLoRP paper: fixed budget c*r = 256, from the finest unit to plain rank 256.
+VLORP_LEVELS = ((256, 1), (64, 4), (16, 16), (4, 64), (1, 256))
+VLORP_ACCUM_LEVEL = (256, 1)
 # GaLore paper, Table 6: optimizer-state memory in BF16, GB.
 PAPER_TABLE6 = {
     "adamw": {"60m": 0.23, "130m": 0.51, "350m": 1.37, "1b": 5.20},
@@ -104,6 +123,13 @@ PAPER_NAMES = {"adamw": "Full", "galore": "GaLore"}
 # APOLLO paper (Zhu et al., 2025), LLaMA 7B optimizer states, GB: these count
 # the projected matrices' states (the embedding and LM head are not included).
 APOLLO_7B = {"apollo": 1.6, "apollo_mini": 0.0}
+
+
+def vlorp_label(c: int, r: int) -> str:
+  return f"vlorp[c={c},r={r}]"
+
+
+VLORP_LABELS = {vlorp_label(c, r): (c, r) for c, r in VLORP_LEVELS}
 DETAILED = set(PAPER_TABLE6) | set(APOLLO_7B)
 GB, GIB = 1e9, 2**30
 
@@ -180,6 +206,14 @@ def optimizer_rows() -> list[Row]:
   rows = [Row("adamw", optax.adamw, lambda s: {}, spec=False,
               setting="optax.adamw, moments in the parameters' dtype")]
   for name, factory in optax_lowrank.optimizers.items():
+    if name == "vlorp":
+      for c, r in VLORP_LEVELS:
+        rows.append(Row(
+            vlorp_label(c, r), factory,
+            lambda s, c=c, r=r: dict(rank=r, granularity=c),
+            setting=f"granularity {c}, rank {r} (budget c*r = 256, VLoRP "
+            "paper)"))
+      continue
     if name in KNOWN:
       kwargs, setting = KNOWN[name]
     elif _accepts(factory, "rank"):
@@ -236,6 +270,62 @@ def measure(row: Row, size: str, dtype: str, cache: dict) -> dict:
             l.state_bytes for l in mem.leaves if not l.projected),
         projected_leaves=sum(l.projected for l in mem.leaves),
     )
+  if row.label in VLORP_LABELS:
+    c, r = VLORP_LABELS[row.label]
+    formula = vlorp_formula_bytes(params, mask, c, r)
+    out.update(formula_bytes=formula, minus_formula_bytes=total - formula,
+               projected_formula_bytes=vlorp_formula_bytes(
+                   params, mask, c, r, unprojected=False))
+  return out
+
+
+def vlorp_formula_bytes(params, mask, c: int, r: int,
+                        unprojected: bool = True) -> int:
+  """VLoRP's state from its formula, but for the shared step counts.
+
+  Per projected matrix (all 2-D here): the first moment, ``max(m, n)·c·r``
+  in the parameters' dtype; ProjFactor's factored second moment, ``m + n``
+  float32, and its int32 count; the key of the random matrix, two uint32.
+  Per other leaf (``unprojected``): AdamW's two moments in its dtype.
+  """
+  total = 0
+  for x, keep in zip(jax.tree.leaves(params), jax.tree.leaves(mask)):
+    itemsize = jnp.dtype(x.dtype).itemsize
+    if keep:
+      m, n = x.shape
+      total += max(m, n) * c * r * itemsize + (m + n) * 4 + 4 + 8
+    elif unprojected:
+      total += 2 * int(x.size) * itemsize
+  return total
+
+
+def measure_accumulation(size: str, dtype: str, k: int, cache: dict) -> dict:
+  """Accumulator and total state bytes of gradient accumulation over ``k``."""
+  key = (size, dtype, False)
+  if key not in cache:
+    other = [v for (s, _, scan), v in cache.items() if s == size and not scan]
+    cache[key] = (with_dtype(other[0], dtype) if other
+                  else abstract_params(size, dtype))
+  _, params, mask, dims = cache[key]
+  c, r = VLORP_ACCUM_LEVEL
+  vlorp = lambda: optax_lowrank.vlorp(  # noqa: E731
+      1e-3, rank=r, granularity=c, mask=mask, dimension_numbers=dims)
+  setups = {
+      "adamw + optax.MultiSteps": (
+          optax.MultiSteps(optax.adamw(1e-3), k), lambda st: st.acc_grads),
+      f"{vlorp_label(c, r)} + optax_lowrank.MultiSteps": (
+          optax_lowrank.MultiSteps(vlorp(), k),
+          lambda st: (st.acc_grads, st.acc_projected)),
+      f"{vlorp_label(c, r)} + optax.MultiSteps": (
+          optax.MultiSteps(vlorp(), k), lambda st: st.acc_grads),
+  }
+  out = {}
+  for label, (tx, acc_of) in setups.items():
+    st = jax.eval_shape(tx.init, params)
+    acc, total = nbytes(acc_of(st)), nbytes(st)
+    out[label] = dict(accumulator_bytes=acc, accumulator_gb=acc / GB,
+                      total_bytes=total, total_gb=total / GB,
+                      inner_bytes=nbytes(st.inner_opt_state))
   return out
 
 
@@ -261,6 +351,40 @@ def print_tables(results, sizes, skipped):
   for label, reasons in skipped.items():
     for where, why in reasons.items():
       print(f"  skipped {label} at {where}: {why}")
+
+
+def print_vlorp_check(results, sizes):
+  """The projected state of the VLoRP levels: equal, and as the formula says."""
+  levels = [l for l in results["bf16"] if l in VLORP_LABELS]
+  if not levels:
+    return
+  for dkey in DTYPES:
+    print(f"\nVLoRP at c*r = 256, {dkey.upper()}: state of the 5 levels "
+          "(min-max), of which projected matrices; measured minus formula "
+          "(vlorp_formula_bytes) per level:")
+    for s in sizes:
+      cells = [results[dkey][l][s] for l in levels if s in results[dkey][l]]
+      if not cells:
+        continue
+      totals = [x["bytes"] for x in cells]
+      print(f"  {LABELS[s]:<5} {min(totals) / GB:.4f}-{max(totals) / GB:.4f} "
+            f"GB (spread {max(totals) - min(totals):,} B), projected "
+            f"{cells[0]['projected_formula_bytes'] / GB:.4f} GB; minus "
+            "formula " + ", ".join(f"{x['minus_formula_bytes']:,}"
+                                   for x in cells) + " B")
+
+
+def print_accumulation(accum, sizes, k):
+  for dkey in DTYPES:
+    print(f"\nGradient accumulation over {k} micro-batches, {dkey.upper()} "
+          "parameters: accumulator GB (total state GB):")
+    labels = list(next(iter(accum[dkey].values()), {}))
+    for label in labels:
+      cells = "".join(
+          f"{accum[dkey][s][label]['accumulator_gb']:>9.3f} "
+          f"({accum[dkey][s][label]['total_gb']:.3f})"
+          if s in accum[dkey] else f"{'skip':>17}" for s in sizes)
+      print(f"  {label:<40}{cells}")
 
 
 def comparison(results, sizes) -> list[dict]:
@@ -329,11 +453,16 @@ def plot(results, sizes, path):
   x = np.arange(len(sizes))
   width = 0.85 / max(len(labels), 1)
   fig, ax = plt.subplots(figsize=(11, 5))
+  # tab10 for the optimizers, shades of one hue for VLoRP's levels.
+  others = [l for l in labels if l not in VLORP_LABELS]
+  shades = plt.cm.PuBuGn(np.linspace(0.45, 0.95, len(VLORP_LABELS)))
+  colors = {l: plt.cm.tab10(i % 10) for i, l in enumerate(others)}
+  colors.update(zip(VLORP_LABELS, shades))
   for i, label in enumerate(labels):
     by_size = results["bf16"][label]
     ys = [by_size[s]["gb"] if s in by_size else np.nan for s in sizes]
     xs = x - 0.425 + (i + 0.5) * width
-    ax.bar(xs, ys, width, label=label)
+    ax.bar(xs, ys, width, label=label, color=colors[label])
     if label in PAPER_TABLE6:
       px = [xx for xx, s in zip(xs, sizes) if s in PAPER_TABLE6[label]]
       py = [PAPER_TABLE6[label][s] for s in sizes if s in PAPER_TABLE6[label]]
@@ -359,6 +488,8 @@ def main(argv=None):
   ap.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
   ap.add_argument("--out", default=None, help="JSON path (default: "
                   "benchmarks/results/memory.json; the PNG goes beside it)")
+  ap.add_argument("--accum-k", type=int, default=4,
+                  help="micro-batches of the gradient-accumulation rows")
   args = ap.parse_args(argv)
   sizes = [s for s in SIZES if s in args.sizes]
   t0 = time.perf_counter()
@@ -377,6 +508,15 @@ def main(argv=None):
           skipped.setdefault(row.label, {})[f"{s}/{dkey}"] = why
   for d in DTYPES:  # drop rows that built for no size at all
     results[d] = {k: v for k, v in results[d].items() if v}
+  accum: dict = {d: {} for d in DTYPES}
+  if "vlorp" in optax_lowrank.optimizers:
+    for s in sizes:
+      for dkey, dtype in DTYPES.items():
+        try:
+          accum[dkey][s] = measure_accumulation(s, dtype, args.accum_k, cache)
+        except Exception as e:  # noqa: BLE001 - report and go on
+          why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+          skipped.setdefault("accumulation", {})[f"{s}/{dkey}"] = why
 
   models = {}
   for s in sizes:
@@ -389,6 +529,8 @@ def main(argv=None):
     )
   comp = comparison(results, sizes)
   print_tables(results, sizes, skipped)
+  print_vlorp_check(results, sizes)
+  print_accumulation(accum, sizes, args.accum_k)
   print_comparison(comp)
   apollo_comp = apollo_comparison(results) if "7b" in sizes else []
   print_apollo_comparison(apollo_comp)
@@ -410,6 +552,15 @@ def main(argv=None):
       settings={row.label: row.setting for row in rows},
       models=models,
       results=results,
+      accumulation=dict(
+          k=args.accum_k,
+          note=("accumulator bytes: acc_grads (+ acc_projected) of "
+                "jax.eval_shape(multi.init, params); total: the whole "
+                "MultiSteps state. optax.MultiSteps accumulates at full size "
+                "in float32; optax_lowrank.MultiSteps keeps projected leaves "
+                "at projected size in the gradient's dtype, the others "
+                "full-size in float32."),
+          results=accum),
       skipped=skipped,
       paper_table6=dict(
           source="Zhao et al., 2024, GaLore, Table 6 (BF16 optimizer states)",
