@@ -11,6 +11,11 @@ For the GaLore optimizers three numbers are reported:
 * refresh: a step on which every projected matrix is refreshed (an SVD each);
 * amortized: ``(refresh + (gap - 1) * steady) / gap``.
 
+VLoRP (``optax_lowrank.vlorp``) is timed at the levels ``(c, r)`` of its
+paper's fixed budget ``c·r = 256`` (``--vlorp-levels``; default all five:
+256x1, 64x4, 16x16, 4x64, 1x256), with the same gap as the others; its
+refresh is a new key, and every step regenerates the random matrix from it.
+
 Steady and refresh steps are selected by setting the transform's step counter
 in the (donated) state before each timed step; all optimizers are timed
 interleaved in one process, so the ratios to ``optax.adamw`` are side by side.
@@ -57,6 +62,8 @@ CONFIGS = {
 # minutes per refresh step with all 24 layers).
 CPU_1B_LAYERS = 2
 PROJECTED = ("q", "k", "v", "o", "gate", "up", "down")
+# VLoRP paper: fixed budget c*r = 256 (granularity c, rank r).
+VLORP_LEVELS = ((256, 1), (64, 4), (16, 16), (4, 64), (1, 256))
 
 
 # ----------------------------------------------------------------------------
@@ -146,8 +153,9 @@ def set_refresh_count(state, count: int):
   return state
 
 
-def make_optimizers(rank: int, gap: int, mask_fn: Callable) -> dict:
-  return {
+def make_optimizers(rank: int, gap: int, mask_fn: Callable,
+                    vlorp_levels=VLORP_LEVELS) -> dict:
+  opts = {
       "optax.adamw": dict(
           tx=optax.adamw(1e-3), galore=False,
           projects="nothing (full-rank AdamW on all leaves)",
@@ -208,6 +216,18 @@ def make_optimizers(rank: int, gap: int, mask_fn: Callable) -> dict:
           ),
       ),
   }
+  for c, r in vlorp_levels:
+    opts[f"optax_lowrank.vlorp[c={c},r={r}]"] = dict(
+        tx=optax_lowrank.vlorp(
+            1e-3, rank=r, granularity=c, update_proj_gap=gap, mask=mask_fn),
+        galore=True,
+        projects=(
+            f"as galore's mask; granularity {c}, rank {r} (c*r = {c * r}); "
+            "Gaussian matrix regenerated from a key every step (redrawn on "
+            "refresh), ProjFactor factored second moment"
+        ),
+    )
+  return opts
 
 
 def tree_mib(tree) -> float:
@@ -228,7 +248,7 @@ def make_step(tx):
 
 def run_config(
     name, *, layers, rank, gap, repeats, refresh_repeats, warmup_refresh=True,
-    seed=0,
+    seed=0, vlorp_levels=VLORP_LEVELS,
 ):
   cfg = CONFIGS[name]
   h, ff = cfg["hidden"], cfg["intermediate"]
@@ -248,7 +268,7 @@ def run_config(
       flush=True,
   )
 
-  opts = make_optimizers(rank, gap, projection_mask)
+  opts = make_optimizers(rank, gap, projection_mask, vlorp_levels)
   runs = {}
   for oname, o in opts.items():
     t0 = time.perf_counter()
@@ -336,14 +356,16 @@ def print_table(res):
       f"rank {res['rank']}, gap {res['gap']}), median ms and ratio to "
       f"optax.adamw, same run:"
   )
+  width = max(22, *(len(o) for o in res["optimizers"]))
   hdr = (
-      f"  {'optimizer':<22} {'steady ms':>10} {'x adamw':>8} "
+      f"  {'optimizer':<{width}} {'steady ms':>10} {'x adamw':>8} "
       f"{'refresh ms':>11} {'x adamw':>8} {'amortized ms':>13} {'x adamw':>8}"
       f" {'state MiB':>10}"
   )
   print(hdr)
   for oname, o in res["optimizers"].items():
-    line = f"  {oname:<22} {o['steady_ms']:>10.1f} {o['steady_ratio']:>8.2f} "
+    line = (f"  {oname:<{width}} {o['steady_ms']:>10.1f} "
+            f"{o['steady_ratio']:>8.2f} ")
     if "refresh_ms" in o:
       line += (
           f"{o['refresh_ms']:>11.1f} {o['refresh_ratio']:>8.2f} "
@@ -389,11 +411,27 @@ def main(argv=None):
       "60M and 1 for 1B, where one refresh step is ~14 SVDs and ~50 s; 10 on "
       "accelerators; capped at --repeats)",
   )
+  ap.add_argument(
+      "--vlorp-levels", nargs="*", default=None, metavar="CxR",
+      help="VLoRP levels to time, e.g. 256x1 16x16 (default: 256x1 64x4 "
+      "16x16 4x64 1x256, the paper's budget c*r = 256; the flag alone: "
+      "no VLoRP)",
+  )
   ap.add_argument("--out", default=None, help="JSON path (default: "
                   "benchmarks/results/step_time_<device>.json)")
   args = ap.parse_args(argv)
 
   on_cpu = jax.devices()[0].platform == "cpu"
+  vlorp_levels = VLORP_LEVELS
+  if args.vlorp_levels is not None:
+    try:
+      vlorp_levels = tuple(
+          tuple(int(v) for v in level.lower().split("x"))
+          for level in args.vlorp_levels)
+    except ValueError:
+      ap.error("--vlorp-levels: each level is CxR, e.g. 256x1")
+    if any(len(level) != 2 for level in vlorp_levels):
+      ap.error("--vlorp-levels: each level is CxR, e.g. 256x1")
   if args.gap < 2:
     ap.error("--gap must be at least 2 (otherwise every step refreshes)")
   dev = device_name()
@@ -418,6 +456,7 @@ def main(argv=None):
     res = run_config(
         name, layers=layers, rank=rank, gap=args.gap, repeats=repeats,
         refresh_repeats=refresh_repeats, warmup_refresh=not big_cpu,
+        vlorp_levels=vlorp_levels,
     )
     print_table(res)
     all_res.append(res)
