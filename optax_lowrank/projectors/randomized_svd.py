@@ -56,25 +56,28 @@ def _spec(batch: Optional[tuple[Any, ...]], *entries) -> Optional[P]:
 def _per_matrix(fn, x: jax.Array) -> jax.Array:
   """``fn`` (a LAPACK-backed map of one ``k × k`` matrix) over a stack.
 
-  As in ``svd._svd``: on CPU a stack goes one matrix at a time, since jaxlib's
+  The stack is made replicated first: these matrices are small, and
+  ``jnp.linalg.cholesky`` refuses a batch axis sharded under an explicit mesh.
+  As in ``svd._svd``, on CPU a stack goes one matrix at a time, since jaxlib's
   batched LAPACK kernels block on the shared intra-op pool and deadlock when
-  several simulated devices call them at once. Other platforms batch.
+  several simulated devices call them at once; other platforms batch.
   """
-  if x.ndim == 2:
-    return fn(x)
   spec = shapes.explicit_spec(x)
+  if spec is not None and any(e is not None for e in spec):
+    x = jax.sharding.reshard(x, P())
+  else:
+    spec = None
 
   def one_at_a_time(x):
-    if spec is not None:
-      x = jax.sharding.reshard(x, P())
     flat = x.reshape((-1,) + x.shape[-2:])
     out = jax.lax.map(fn, flat)
-    out = out.reshape(x.shape[:-2] + out.shape[1:])
-    if spec is not None:
-      out = jax.sharding.reshard(out, P(*spec))
-    return out
+    return out.reshape(x.shape[:-2] + out.shape[1:])
 
-  return jax.lax.platform_dependent(x, cpu=one_at_a_time, default=fn)
+  if x.ndim == 2:
+    out = fn(x)
+  else:
+    out = jax.lax.platform_dependent(x, cpu=one_at_a_time, default=fn)
+  return out if spec is None else jax.sharding.reshard(out, P(*spec))
 
 
 def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
