@@ -15,6 +15,7 @@ from optax_lowrank.aliases import (
     flora,
     frugal,
     galore,
+    osd,
     vlorp,
 )
 from optax_lowrank.core import LeafBasis, LowRankState, lowrank_project
@@ -43,6 +44,7 @@ __all__ = [
     "lowrank_project",
     "memory",
     "optimizers",
+    "osd",
     "projectors",
     "schedules",
     "vlorp",

@@ -734,3 +734,81 @@ def vlorp(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def osd(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 128,
+    *,
+    update_proj_gap: int = 200,
+    scale: Union[float, jax.Array] = 0.25,
+    proj_type: str = "std",
+    peak_learning_rate: Optional[float] = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Online Subspace Descent: GaLore whose basis follows the gradient by online PCA.
+
+  GaLore-AdamW (``galore``) with ``projectors.online_pca``: the basis is the
+  SVD of the first gradient and then, every step, takes one AdamW step on
+  the reconstruction loss ``‖Ĝ PᵀP − Ĝ‖²`` with learning rate
+  ``(1/update_proj_gap)·(lr_t/lr_peak)``, after it has been used (the
+  authors' ``proj_type="continuous"``). No SVD after the first step. The
+  basis costs three more basis-sized arrays (the next basis and its AdamW
+  moments). Same documented differences from the reference AdamW as
+  ``galore``.
+
+  Args:
+    learning_rate: A float or an optax schedule (the authors: 0.01 for 60M,
+      1000 warmup steps, cosine).
+    rank: Subspace rank (the authors: 128 for 60M).
+    update_proj_gap: Sets the basis learning rate ``1/update_proj_gap``
+      (the basis moves every step).
+    scale: GaLore's scale of the back-projected update.
+    proj_type: ``std``, ``reverse_std``, ``left`` or ``right``.
+    peak_learning_rate: ``lr_peak`` (the reference's initial ``lr`` argument)
+      when ``learning_rate`` is a schedule; needed then.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected.
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32))}
+    >>> tx = optax_lowrank.osd(1e-2, rank=4)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+
+  References:
+    Liang et al., `Memory-Efficient LLM Training with Online Subspace Descent
+    <https://arxiv.org/abs/2408.12857>`_, NeurIPS 2024; code:
+    github.com/kyleliang919/Online-Subspace-Descent.
+  """
+  if callable(learning_rate):
+    if peak_learning_rate is None or not peak_learning_rate > 0:
+      raise ValueError(
+          "`peak_learning_rate` must be a positive float when `learning_rate` "
+          f"is a schedule (the basis step follows lr_t/lr_peak), got "
+          f"{peak_learning_rate!r}"
+      )
+    lr_ratio = lambda step: learning_rate(step) / peak_learning_rate
+  else:
+    lr_ratio = None
+  projector = projectors_lib.online_pca(update_proj_gap, proj_type,
+                                        lr_ratio=lr_ratio)
+  return galore(
+      learning_rate, rank, update_proj_gap=1, scale=scale, b1=b1, b2=b2,
+      eps=eps, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+      mask=mask, dimension_numbers=dimension_numbers, projector=projector,
+  )

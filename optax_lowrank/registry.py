@@ -14,4 +14,5 @@ optimizers = {
     "frugal": aliases.frugal,
     "flora": aliases.flora,
     "vlorp": aliases.vlorp,
+    "osd": aliases.osd,
 }

@@ -40,6 +40,7 @@ ALIASES = {
                                        dimension_numbers=DIMS),
     "flora": lambda: ol.flora(0.1, rank=4, kappa=2, min_dim_size_to_factor=16,
                               momentum_dtype=jnp.float32, dimension_numbers=DIMS),
+    "osd": lambda: ol.osd(0.1, rank=4, update_proj_gap=2, dimension_numbers=DIMS),
     "vlorp": lambda: ol.vlorp(0.1, rank=2, granularity=4, update_proj_gap=2,
                               dimension_numbers=DIMS, weight_decay=0.01),
 }

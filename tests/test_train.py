@@ -148,12 +148,26 @@ def test_accumulate_flag_picks_the_path(tmp_path, capsys):
   assert "in the subspace" in capsys.readouterr().out
   with open(os.path.join(out, "metrics.jsonl")) as f:
     assert any("micro_grad_norm" in json.loads(line) for line in f)
-  _train(tmp_path, "full", "--optimizer", "apollo", "--rank", "4", "--micro-batches", "2",
-         "--batch-size", "16", "--steps", "2")
-  assert "full size" in capsys.readouterr().out  # auto: APOLLO reads the full gradient
-  with pytest.raises(SystemExit, match="--accumulate subspace"):
-    _train(tmp_path, "bad", "--optimizer", "apollo", "--rank", "4", "--micro-batches", "2",
-           "--batch-size", "16", "--accumulate", "subspace")
+  # auto falls back to full-size accumulation for APOLLO, whose update reads the full
+  # gradient; --accumulate subspace refuses it with one line naming the flag.
+  cfg = CFG.replace(d_model=64, d_ff=160)
+  abstract = pure_dict(nnx.state(steps.abstract_model(cfg)[1], nnx.Param))
+  mask, dims = lowrank_spec(abstract, cfg)
+  schedule = optax.constant_schedule(1e-2)
+  for mode, expected in (("auto", None), ("full", None)):
+    args = pretrain.parse_args(["--optimizer", "apollo", "--rank", "4", "--micro-batches",
+                                "2", "--batch-size", "16", "--accumulate", mode],
+                               num_devices=8)
+    assert optimizers.build_accumulating("apollo", args, schedule, mask, dims,
+                                         abstract) is expected
+  args = pretrain.parse_args(["--optimizer", "apollo", "--rank", "4", "--micro-batches", "2",
+                              "--batch-size", "16", "--accumulate", "subspace"], num_devices=8)
+  with pytest.raises(ValueError, match="--accumulate subspace"):
+    optimizers.build_accumulating("apollo", args, schedule, mask, dims, abstract)
+  args = pretrain.parse_args(["--optimizer", "galore", "--rank", "4", "--micro-batches", "2",
+                              "--batch-size", "16"], num_devices=8)
+  assert optimizers.build_accumulating("galore", args, schedule, mask, dims,
+                                       abstract) is not None
 
 
 def _train(tmp_path, name, *extra):
@@ -272,7 +286,7 @@ def test_every_registered_optimizer_trains_by_name(name):
   defaults (no flag given), on the scanned tiny model: one finite step that moves the
   projected and the unprojected weights."""
   opt_args = {"galore": "rank=4", "fira": "rank=4", "apollo": "rank=4", "flora": "rank=4",
-              "vlorp": "granularity=4"}.get(name, "")  # the model's sides are 64 and 160
+              "osd": "rank=4", "vlorp": "granularity=4"}.get(name, "")  # the model's sides are 64 and 160
   args = pretrain.parse_args(["--optimizer", name, "--opt-args", opt_args], num_devices=8)
   cfg = CFG.replace(d_model=64, d_ff=160)
   abstract = pure_dict(nnx.state(steps.abstract_model(cfg)[1], nnx.Param))

@@ -52,7 +52,8 @@ def _from_library(factory: Callable) -> Factory:
   def build(args, schedule, mask, dims):
     offered = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
                    proj_type=args.proj_type, b1=args.b1, b2=args.b2, eps=args.eps,
-                   weight_decay=args.weight_decay, mask=mask, dimension_numbers=dims)
+                   weight_decay=args.weight_decay, mask=mask, dimension_numbers=dims,
+                   peak_learning_rate=args.lr)
     takes = set(inspect.signature(factory).parameters) - {"learning_rate"}
     # Unset flags (None) leave the optimizer's own defaults in place; a flag the user
     # set that the optimizer does not take is an error, not silently dropped.
@@ -73,7 +74,7 @@ def _from_library(factory: Callable) -> Factory:
 
 
 # Offered to every factory; dropped without a word when it does not take them.
-_ALWAYS = frozenset({"mask", "dimension_numbers", "weight_decay"})
+_ALWAYS = frozenset({"mask", "dimension_numbers", "weight_decay", "peak_learning_rate"})
 
 
 def available() -> dict[str, Factory]:

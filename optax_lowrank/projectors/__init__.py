@@ -4,6 +4,7 @@ from optax_lowrank.projectors.base import Basis, Projector
 from optax_lowrank.projectors.blocks import BlockBasis, blocks
 from optax_lowrank.projectors.coordinates import IndexBasis, coordinates, randperm
 from optax_lowrank.projectors.granular import GranularBasis, granular
+from optax_lowrank.projectors.online_pca import OnlinePCABasis, online_pca
 from optax_lowrank.projectors.random import KeyBasis, random
 from optax_lowrank.projectors.svd import (
     PROJ_TYPES,
@@ -20,6 +21,7 @@ __all__ = [
     "IndexBasis",
     "KeyBasis",
     "LeftBasis",
+    "OnlinePCABasis",
     "PROJ_TYPES",
     "Projector",
     "RightBasis",
@@ -27,6 +29,7 @@ __all__ = [
     "blocks",
     "coordinates",
     "granular",
+    "online_pca",
     "random",
     "randperm",
     "svd",
