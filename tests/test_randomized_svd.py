@@ -18,8 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optax_lowrank as ol
-from optax_lowrank.projectors import randomized_svd as rsvd_lib
-from optax_lowrank.projectors.randomized_svd import randomized_svd
+from optax_lowrank.projectors.randomized_svd import SHIFT, randomized_svd
 from optax_lowrank.projectors.svd import LeftBasis, RightBasis, svd
 
 RANK = 8
@@ -65,7 +64,7 @@ def _ref_cqr2(y):
   for _ in range(2):
     gram = y.T @ y
     k = gram.shape[0]
-    shift = rsvd_lib.SHIFT * k * EPS32 * np.max(np.diag(gram))
+    shift = SHIFT * k * EPS32 * np.max(np.diag(gram))
     y = y @ np.linalg.inv(np.linalg.cholesky(gram + shift * np.eye(k))).T
   return y
 
@@ -197,6 +196,15 @@ def test_stacked_left_warm_start_matches_float64_reference():
   for i in range(batch):
     true_u = np.linalg.svd(g2[i].T)[0][:, :rank]
     assert _cosines(np.asarray(second.u[i]), true_u).min() >= 0.9
+
+  # Degenerate gradients (same compiled refresh): a zero matrix gives a zero basis, a
+  # rank-1 matrix of huge entries one unit vector and zeros; nothing is non-finite.
+  g3 = np.stack([np.zeros((n, m)), 1e30 * np.outer(np.arange(n), np.ones(m)), g1[2]])
+  third = refresh(jnp.asarray(g3, jnp.float32), second, keys[0], 400)
+  norms = np.linalg.norm(np.asarray(third.u), axis=1)          # (batch, rank)
+  np.testing.assert_allclose(norms[0], 0.0, atol=1e-6)
+  np.testing.assert_allclose(norms[1], [1.0] + [0.0] * (rank - 1), atol=1e-5)
+  np.testing.assert_allclose(norms[2], 1.0, atol=1e-5)
 
 
 # ------------------------------------------------------------------- use in optimizers

@@ -237,9 +237,10 @@ def randomized_svd(
   Martinsson & Tropp's range finder with ``k = min(r + oversample, m, n)``
   columns and ``power_iters`` subspace iterations (``randomized_subspace``).
 
-  It is built from matrix products with thin ``k``-column blocks, CholeskyQR
-  (a Cholesky factorization of a ``k × k`` Gram matrix, shifted by ``SHIFT``
-  times its trace so that it cannot fail, then a product) and an ``eigh`` of
+  It is built from matrix products with thin ``k``-column blocks, CholeskyQR2
+  (Cholesky factorizations of ``k × k`` Gram matrices, each shifted by
+  ``SHIFT · k · eps`` of its largest diagonal entry so that it cannot fail,
+  then products) and an ``eigh`` of
   the ``k × k`` matrix ``B Bᵀ``; so a gradient sharded along either matrix
   axis (or both) is never gathered: only ``k``-column blocks and ``k × k``
   matrices are reduced across devices. Each matrix is first divided by its
@@ -256,7 +257,8 @@ def randomized_svd(
   singular vector of ``G`` positive; for a right basis the left vectors are
   ``G vᵢ / σᵢ``, available from the small projection), found with reductions
   that run on sharded axes instead of ``svd._canonical_signs``' gather.
-  Up to signs and the approximation, the basis equals ``svd``'s; a gradient of
+  Up to the approximation, the basis equals ``svd``'s, signs included (a
+  near-tie between largest entries may flip one); a gradient of
   rank below ``r`` gives (near-)zero basis vectors for its null directions,
   where the exact SVD gives arbitrary orthonormal ones (the projected gradient
   is zero along them either way).
