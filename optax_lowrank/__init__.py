@@ -6,16 +6,22 @@ from optax_lowrank import combine
 from optax_lowrank import inner
 from optax_lowrank import memory
 from optax_lowrank import projectors
+from optax_lowrank import quantize
 from optax_lowrank import schedules
 from optax_lowrank.accumulation import MultiSteps
 from optax_lowrank.aliases import (
+    adarankgrad,
     apollo,
     apollo_mini,
+    dct_adamw,
     fira,
     flora,
     frugal,
     galore,
+    galore_8bit,
+    grass,
     osd,
+    q_galore,
     vlorp,
 )
 from optax_lowrank.core import LeafBasis, LowRankState, lowrank_project
@@ -32,20 +38,26 @@ __all__ = [
     "MultiSteps",
     "Projector",
     "accumulation",
+    "adarankgrad",
     "apollo",
     "apollo_mini",
     "blockwise",
     "combine",
+    "dct_adamw",
     "fira",
     "flora",
     "frugal",
     "galore",
+    "galore_8bit",
+    "grass",
     "inner",
     "lowrank_project",
     "memory",
     "optimizers",
     "osd",
     "projectors",
+    "q_galore",
+    "quantize",
     "schedules",
     "vlorp",
 ]

@@ -11,6 +11,8 @@ from optax_lowrank import blockwise
 from optax_lowrank import combine as combine_lib
 from optax_lowrank import inner as inner_lib
 from optax_lowrank import projectors as projectors_lib
+from optax_lowrank import quantize as quantize_lib
+from optax_lowrank import schedules as schedules_lib
 from optax_lowrank import shapes
 from optax_lowrank.core import lowrank_project
 from optax_lowrank.inner import adam as adam_lib
@@ -77,6 +79,7 @@ def galore(
     on_refresh: str = "keep",
     stagger: bool = False,
     projector: Union[str, Projector] = "svd",
+    state_dtype: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-AdamW: Adam in a low-rank SVD subspace of each weight gradient.
 
@@ -112,7 +115,12 @@ def galore(
     on_refresh: ``keep`` (reference), ``reset`` or ``rotate``.
     stagger: Spread the leaves' refreshes over the gap.
     projector: ``"svd"`` (exact SVD with ``proj_type``) or any ``Projector``
-      (then ``proj_type`` is not used).
+      (then ``proj_type`` is not used), e.g. ``projectors.randomized_svd()``.
+    state_dtype: ``None`` keeps Adam's moments in the gradient's dtype;
+      ``"int8"`` stores them block-wise quantized (blocks of 256, signed
+      square-root map; ``quantize.quantize_state``), as 8-bit GaLore does with
+      bitsandbytes' 8-bit Adam (whose map differs). Needs
+      ``on_refresh="keep"``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -131,9 +139,16 @@ def galore(
     github.com/jiaweizzhao/GaLore.
   """
   _validate_adam(b1, b2, eps, weight_decay)
+  if state_dtype not in (None, "int8"):
+    raise ValueError(
+        f"`state_dtype` must be None (the parameter's) or 'int8', got "
+        f"{state_dtype!r}")
+  inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  if state_dtype == "int8":
+    inner = quantize_lib.quantize_state(inner, bits=8, block_size=256)
   return optax.chain(
       lowrank_project(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+          inner,
           rank,
           update_proj_gap=update_proj_gap,
           scale=scale,
@@ -811,4 +826,336 @@ def osd(
       learning_rate, rank, update_proj_gap=1, scale=scale, b1=b1, b2=b2,
       eps=eps, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
       mask=mask, dimension_numbers=dimension_numbers, projector=projector,
+  )
+
+
+def dct_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 256,
+    *,
+    update_proj_gap: int = 1,
+    norm: str = "l1",
+    on_refresh: str = "keep",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  """DCT-AdamW: Adam in a subspace of DCT columns chosen by the gradient, no SVD.
+
+  ``projectors.dct``: the ``r`` columns of the orthonormal DCT-II matrix
+  ``Q`` with the largest L1 norm of ``G Q`` (``Qᵀ G`` on the left), chosen
+  anew every ``update_proj_gap`` steps (every step by default); the basis
+  state is ``r`` int32 indices per matrix, ``Q`` is rebuilt from them. Adam
+  (bias-corrected, ``eps`` added to ``√v̂``, as the code's
+  ``u = m/(eps·√bc2 + √v)`` with step ``lr·√bc2/bc1``) runs in the subspace;
+  moments are kept on a change of columns (the code's default
+  ``rotate_subspace=False``; ``on_refresh="rotate"`` maps the first moment).
+  Weight decay is applied to the weight before the step, as there.
+
+  Args:
+    learning_rate: A float or an optax schedule.
+    rank: Number of DCT columns kept per matrix (int or fraction).
+    update_proj_gap: Steps between column selections (the code: 1).
+    norm: ``l1`` (the code's default ``ell_norm=1``) or ``l2``.
+    on_refresh: ``keep`` (the code) or ``rotate``.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon (the code: 1e-8).
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected (the code: 2-D leaves with both
+      sides below 32000, i.e. not embeddings or the LM head).
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32))}
+    >>> tx = optax_lowrank.dct_adamw(1e-3, rank=8)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+
+  References:
+    Modoranu et al., `FFT-based Dynamic Subspace Selection for Low-Rank
+    Adaptive Optimization of Large Language Models
+    <https://arxiv.org/abs/2505.17967>`_, 2025; code:
+    github.com/IST-DASLab/ISTA-DASLab-Optimizers (``fft_low_rank``).
+  """
+  _validate_adam(b1, b2, eps, weight_decay)
+  return optax.chain(
+      lowrank_project(
+          inner_lib.scale_by_adam_leafwise(b1, b2, eps), rank,
+          update_proj_gap=update_proj_gap, projector=projectors_lib.dct(norm=norm),
+          on_refresh=on_refresh, mask=mask, dimension_numbers=dimension_numbers,
+      ),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def grass(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 128,
+    *,
+    update_proj_gap: int = 200,
+    selection: str = "norm_sampling",
+    scale: Union[float, jax.Array] = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """GRASS: Adam on a structured-sparse projection (r selected rows) of each gradient.
+
+  ``projectors.grass``: every ``update_proj_gap`` steps, ``r`` rows (the
+  projected side's coordinates) are kept, either sampled with probability
+  proportional to their norm and rescaled by ``1/√(r·q)`` (unbiased:
+  ``E[up(down(G))] = G``) or the ``r`` largest (``selection="top_norm"``);
+  ``down`` is a gather and ``up`` a scatter-add, so projection costs no
+  matmul. Adam's moments and step count restart with each new selection
+  (``on_refresh="reset"``, per-leaf counts), as the paper prescribes. The
+  authors have not published code, so this follows the paper; its default
+  gap and rank are GaLore's, against which the paper compares.
+
+  Args:
+    learning_rate: A float or an optax schedule.
+    rank: Rows kept per matrix (int or fraction).
+    update_proj_gap: Steps between selections.
+    selection: ``norm_sampling`` or ``top_norm``.
+    scale: Multiplier of the back-projected update.
+    proj_type: Side whose coordinates are selected, as GaLore's.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected.
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    seed: Seed of the row sampling.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32))}
+    >>> tx = optax_lowrank.grass(1e-3, rank=8)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+
+  References:
+    Muhamed et al., `GRASS: Compute Efficient Low-Memory LLM Training with
+    Structured Sparse Gradients <https://arxiv.org/abs/2406.17660>`_, EMNLP
+    2024.
+  """
+  _validate_adam(b1, b2, eps, weight_decay)
+  return optax.chain(
+      lowrank_project(
+          inner_lib.scale_by_adam_leafwise(b1, b2, eps), rank,
+          update_proj_gap=update_proj_gap, scale=scale,
+          projector=projectors_lib.grass(proj_type, selection=selection),
+          on_refresh="reset", mask=mask, dimension_numbers=dimension_numbers,
+          seed=seed,
+      ),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def adarankgrad(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 128,
+    *,
+    threshold: float = 0.9,
+    update_proj_gap: int = 200,
+    scale: Union[float, jax.Array] = 0.25,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """AdaRankGrad-style GaLore: a randomized-SVD subspace whose rank only shrinks.
+
+  GaLore-AdamW (``galore``) with ``schedules.adaptive_rank`` over
+  ``projectors.randomized_svd``: at each refresh each matrix keeps the
+  smallest rank ``k ≤ rank`` whose directions capture ``threshold`` of
+  ``‖G‖²``, never more than its previous ``k``; state stays sized for
+  ``rank`` (directions beyond ``k`` are zeroed). The first moment is carried
+  into the new basis on a refresh (``on_refresh="rotate"``). The authors'
+  code is not public: the rank rule is the one documented in
+  ``schedules.adaptive_rank``; the paper also rotates the second moment,
+  which this alias keeps as is; ``threshold`` defaults to 0.9 (ours).
+
+  Args:
+    learning_rate: A float or an optax schedule.
+    rank: The largest rank (int or fraction).
+    threshold: Fraction of the gradient's energy the subspace must capture.
+    update_proj_gap: Steps between refreshes.
+    scale: GaLore's scale of the back-projected update.
+    proj_type: ``std``, ``reverse_std``, ``left`` or ``right``.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected.
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    seed: Seed of the randomized SVD's starting block.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32))}
+    >>> tx = optax_lowrank.adarankgrad(1e-3, rank=8)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+
+  References:
+    Refael et al., `AdaRankGrad: Adaptive Gradient-Rank and Moments for
+    Memory-Efficient LLMs Training and Fine-Tuning
+    <https://arxiv.org/abs/2410.17881>`_, ICLR 2025.
+  """
+  _validate_adam(b1, b2, eps, weight_decay)
+  projector = schedules_lib.adaptive_rank(
+      projectors_lib.randomized_svd(proj_type), threshold)
+  return optax.chain(
+      lowrank_project(
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank,
+          update_proj_gap=update_proj_gap, scale=scale, projector=projector,
+          on_refresh="rotate", mask=mask, dimension_numbers=dimension_numbers,
+          seed=seed,
+      ),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def galore_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 128,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """8-bit GaLore: ``galore`` with Adam's moments stored in int8 blocks of 256.
+
+  ``galore(learning_rate, rank, state_dtype="int8", **kwargs)``; see
+  ``galore`` and ``quantize.quantize_state`` (the moments are quantized with
+  a signed square-root map per block of 256, where galore-torch's
+  ``GaLoreAdamW8bit`` uses bitsandbytes' dynamic map).
+
+  Args:
+    learning_rate: A float or an optax schedule.
+    rank: Subspace rank (int or fraction).
+    **kwargs: Any other argument of ``galore`` except ``state_dtype``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((512, 256))}
+    >>> tx = optax_lowrank.galore_8bit(1e-3, rank=16)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+
+  References:
+    Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, ICML 2024
+    (8-bit GaLore); Dettmers et al., `8-bit Optimizers via Block-wise
+    Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+  """
+  if "state_dtype" in kwargs:
+    raise ValueError("`state_dtype` is fixed to 'int8' by galore_8bit")
+  return galore(learning_rate, rank, state_dtype="int8", **kwargs)
+
+
+def q_galore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 256,
+    *,
+    update_proj_gap: int = 200,
+    scale: Union[float, jax.Array] = 0.25,
+    proj_bits: int = 4,
+    proj_group_size: int = 256,
+    cos_threshold: float = 0.4,
+    gamma_proj: int = 2,
+    queue_size: int = 5,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Q-GaLore: int4 SVD basis, lazy layer-wise refresh, 8-bit Adam moments.
+
+  GaLore (``std`` orientation, exact SVD in float32) with three changes from
+  the authors' code: the basis is stored block-wise in ``proj_bits`` bits
+  (groups of ``proj_group_size``; ``quantize.quantize_basis``); each matrix
+  refreshes lazily (``schedules.lazy``: after ``queue_size`` refreshes whose
+  leading singular vectors average a cosine similarity of at least
+  ``cos_threshold``, its gap is multiplied by ``gamma_proj``); Adam's moments
+  are int8 blocks of 256 (``quantize.quantize_state``, signed square-root
+  map, where the code uses bitsandbytes' 8-bit Adam). Q-GaLore's int8
+  weights with stochastic rounding are a training-program option, not part of
+  this optimizer (``quantize.quantize(..., stochastic=True)`` provides the
+  rounding).
+
+  Args:
+    learning_rate: A float or an optax schedule (the authors: 0.015 for
+      130M, 10% warmup, cosine).
+    rank: Subspace rank (the authors: 256 for 130M, 1024 for 7B).
+    update_proj_gap: Initial refresh gap (the authors: 200; 500 for 7B).
+    scale: GaLore's scale.
+    proj_bits: Bits of the stored basis (4).
+    proj_group_size: Elements per quantization group of the basis (256).
+    cos_threshold: Mean similarity above which a matrix's gap grows (0.4).
+    gamma_proj: Growth factor of the gap (2).
+    queue_size: Refreshes averaged (5).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected.
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((512, 256))}
+    >>> tx = optax_lowrank.q_galore(1e-3, rank=16)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+
+  References:
+    Zhang et al., `Q-GaLore: Quantized GaLore with INT4 Projection and
+    Layer-Adaptive Low-Rank Gradients <https://arxiv.org/abs/2407.08296>`_,
+    2024; code: github.com/VITA-Group/Q-GaLore.
+  """
+  projector = quantize_lib.quantize_basis(
+      schedules_lib.lazy(projectors_lib.svd("std"), update_proj_gap,
+                         cos_threshold=cos_threshold, queue_size=queue_size,
+                         gamma=gamma_proj),
+      bits=proj_bits, block_size=proj_group_size)
+  return galore(
+      learning_rate, rank, update_proj_gap=update_proj_gap, scale=scale,
+      b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask,
+      dimension_numbers=dimension_numbers, projector=projector,
+      state_dtype="int8",
   )

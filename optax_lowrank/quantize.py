@@ -474,8 +474,9 @@ def quantize_basis(
 ) -> Projector:
   """Stores a projector's basis block-wise quantized (Q-GaLore's int4 basis).
 
-  The floating arrays of ``projector``'s basis (an SVD's singular vectors)
-  are kept as ``QuantizedArray`` with the ``linear`` map; ``down``, ``up``
+  The floating matrices of ``projector``'s basis (an SVD's singular vectors;
+  not per-matrix vectors or scalars, such as ``schedules.lazy``'s
+  bookkeeping) are kept as ``QuantizedArray`` with the ``linear`` map; ``down``, ``up``
   and ``refresh`` (which receives the old basis) see them dequantized, in
   the basis's own dtype. Integer bases (indices) and keys are kept as they
   are. Each matrix of a stack (leading batch axes) is quantized on its own,
@@ -520,7 +521,9 @@ def quantize_basis(
     nb = len(info.batch_shape)
 
     def compress(x):
-      if not _is_float_array(x):
+      # Matrices only: per-matrix vectors and scalars a wrapped projector keeps
+      # (lazy refresh's previous singular vector and similarities) stay exact.
+      if not _is_float_array(x) or x.ndim < nb + 2:
         return x
       batch = nb if tuple(x.shape[:nb]) == tuple(info.batch_shape) else 0
       return quantize(x, bits=bits, block_size=block_size, batch_dims=batch)

@@ -15,4 +15,9 @@ optimizers = {
     "flora": aliases.flora,
     "vlorp": aliases.vlorp,
     "osd": aliases.osd,
+    "dct_adamw": aliases.dct_adamw,
+    "grass": aliases.grass,
+    "adarankgrad": aliases.adarankgrad,
+    "galore_8bit": aliases.galore_8bit,
+    "q_galore": aliases.q_galore,
 }

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_lowrank import shapes
 from optax_lowrank.projectors.base import Projector
 from optax_lowrank.projectors.svd import LeftBasis, RightBasis
 
@@ -154,14 +155,17 @@ def lazy(
 
   def init(info, dtype):
     basis = projector.init(info, dtype)
-    first = _first_vector(basis)
-    batch = info.batch_shape
+    count = info.zeros("", jnp.int32)  # (batch...), sharded like the stack
+    batch_spec = None if info.spec is None else (
+        *info.spec[:len(info.batch_shape)], None)
     return LazyBasis(
         basis=basis,
-        gap=jnp.full(batch, update_proj_gap, jnp.int32),
-        similarities=jnp.zeros(batch + (queue_size,), jnp.float32),
-        count=jnp.zeros(batch, jnp.int32),
-        previous=jnp.zeros(first.shape, jnp.float32),
+        gap=count + update_proj_gap,
+        similarities=jnp.zeros(
+            info.batch_shape + (queue_size,), jnp.float32,
+            out_sharding=shapes.out_sharding(batch_spec)),
+        count=count,
+        previous=jnp.zeros_like(_first_vector(basis), jnp.float32),
     )
 
   def refresh(g, state, key, step):
@@ -188,7 +192,9 @@ def lazy(
           lambda n, o: jnp.where(_per_matrix(due, o), n.astype(o.dtype), o),
           new, state.basis)
       previous = jnp.where(due[..., None], first, state.previous)
-      return LazyBasis(basis, gap, similarities, count, previous)
+      return jax.tree.map(shapes.reshard_like,
+                          LazyBasis(basis, gap, similarities, count, previous),
+                          state)
 
     return jax.lax.cond(jnp.any(due), renew, lambda g, s: s, g, state)
 
@@ -263,8 +269,7 @@ def adaptive_rank(projector: Projector, threshold: float = 0.9) -> Projector:
 
   def init(info, dtype):
     basis = projector.init(info, dtype)
-    return AdaptiveRankBasis(
-        basis, jnp.full(info.batch_shape, info.rank, jnp.int32))
+    return AdaptiveRankBasis(basis, info.zeros("", jnp.int32) + info.rank)
 
   def refresh(g, state, key, step):
     new = projector.refresh(g, state.basis, key, step)
@@ -276,8 +281,9 @@ def adaptive_rank(projector: Projector, threshold: float = 0.9) -> Projector:
     r = energy.shape[-1]
     k = jnp.where(jnp.any(captured, axis=-1),
                   jnp.argmax(captured, axis=-1) + 1, r).astype(jnp.int32)
-    k = jnp.minimum(k, state.rank)
-    return AdaptiveRankBasis(masked(new, k), k)
+    k = jnp.minimum(shapes.reshard_like(k, state.rank), state.rank)
+    return jax.tree.map(shapes.reshard_like,
+                        AdaptiveRankBasis(masked(new, k), k), state)
 
   def down(state, g):
     return projector.down(state.basis, g)

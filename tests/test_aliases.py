@@ -40,6 +40,13 @@ ALIASES = {
                                        dimension_numbers=DIMS),
     "flora": lambda: ol.flora(0.1, rank=4, kappa=2, min_dim_size_to_factor=16,
                               momentum_dtype=jnp.float32, dimension_numbers=DIMS),
+    "adarankgrad": lambda: ol.adarankgrad(0.1, rank=4, threshold=0.5, update_proj_gap=2,
+                                          dimension_numbers=DIMS),
+    "dct_adamw": lambda: ol.dct_adamw(0.1, rank=4, dimension_numbers=DIMS),
+    "galore_8bit": lambda: ol.galore_8bit(0.1, rank=4, update_proj_gap=2,
+                                          dimension_numbers=DIMS),
+    "q_galore": lambda: ol.q_galore(0.1, rank=4, update_proj_gap=2, dimension_numbers=DIMS),
+    "grass": lambda: ol.grass(0.1, rank=4, update_proj_gap=2, dimension_numbers=DIMS),
     "osd": lambda: ol.osd(0.1, rank=4, update_proj_gap=2, dimension_numbers=DIMS),
     "vlorp": lambda: ol.vlorp(0.1, rank=2, granularity=4, update_proj_gap=2,
                               dimension_numbers=DIMS, weight_decay=0.01),
@@ -81,7 +88,8 @@ def _unsharded_run(name):
 SHARDED_CASES = [(name, "both") for name in sorted(ALIASES)] + [
     ("apollo", "rows"), ("apollo", "cols")]
 # One alias per kind of state (basis types, limiter, factored moments); GaLore has its own.
-ROUNDTRIP = ("apollo", "fira", "frugal_blocks", "frugal_columns", "flora", "vlorp")
+ROUNDTRIP = ("apollo", "fira", "frugal_blocks", "frugal_columns", "flora", "vlorp",
+             "q_galore")
 
 
 @pytest.mark.parametrize("name, case", SHARDED_CASES)

@@ -53,10 +53,10 @@ def test_lazy_refresh_doubles_the_gap_of_a_stable_subspace(fixed):
   params = {"w": jnp.zeros((C, R))}
   state = tx.init(params)
   update = jax.jit(tx.update)
-  v = None
+  fixed_g, _ = _gradient(rng, spectrum)
   refreshes, similarities, previous = [], [], None
   for step in range(40):
-    g, v = _gradient(rng, spectrum, v if fixed else None)
+    g = fixed_g if fixed else _gradient(rng, spectrum)[0]
     g = g + 1e-3 * rng.standard_normal(g.shape)  # each SVD differs a little
     _, state = update({"w": jnp.asarray(g, jnp.float32)}, state)
     lazy = state.bases["w"].basis
@@ -110,6 +110,27 @@ def test_adaptive_rank_keeps_the_energy_and_never_grows():
     want = G @ vt[:expected_rank].T @ vt[:expected_rank]
     got = np.asarray(u["w"], np.float64).T
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_lazy_refresh_through_an_int4_basis_keeps_its_bookkeeping_exact():
+  """Q-GaLore's order: the int4 basis wraps the lazy schedule, whose previous singular
+  vector and similarities stay float32, so a stable subspace still doubles the gap."""
+  from optax_lowrank import quantize
+  rng = np.random.default_rng(2)
+  gap = 2
+  projector = quantize.quantize_basis(schedules.lazy(projectors.svd(), gap), bits=4)
+  tx = ol.lowrank_project(optax.identity(), rank=2, update_proj_gap=gap, projector=projector)
+  state = tx.init({"w": jnp.zeros((C, R))})
+  update = jax.jit(tx.update)
+  g, _ = _gradient(rng, np.array([10.0, 3.0, 1.0]))  # one subspace, both sides fixed
+  for _ in range(12):
+    noisy = g + 1e-3 * rng.standard_normal(g.shape)
+    _, state = update({"w": jnp.asarray(noisy, jnp.float32)}, state)
+  lazy = state.bases["w"].basis
+  assert isinstance(lazy.basis.vh, quantize.QuantizedArray)
+  assert lazy.previous.dtype == jnp.float32 and lazy.similarities.dtype == jnp.float32
+  # Refreshes at 0, 2, 4, 6, 8, 10: five similarities by step 10, so the gap doubled.
+  assert int(lazy.gap) == 2 * gap
 
 
 def test_stacked_leaves_keep_a_gap_and_a_rank_per_matrix():

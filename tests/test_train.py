@@ -286,7 +286,9 @@ def test_every_registered_optimizer_trains_by_name(name):
   defaults (no flag given), on the scanned tiny model: one finite step that moves the
   projected and the unprojected weights."""
   opt_args = {"galore": "rank=4", "fira": "rank=4", "apollo": "rank=4", "flora": "rank=4",
-              "osd": "rank=4", "vlorp": "granularity=4"}.get(name, "")  # the model's sides are 64 and 160
+              "osd": "rank=4", "dct_adamw": "rank=4", "grass": "rank=4",
+              "adarankgrad": "rank=4", "galore_8bit": "rank=4", "q_galore": "rank=4",
+              "vlorp": "granularity=4"}.get(name, "")  # the model's sides are 64 and 160
   args = pretrain.parse_args(["--optimizer", name, "--opt-args", opt_args], num_devices=8)
   cfg = CFG.replace(d_model=64, d_ff=160)
   abstract = pure_dict(nnx.state(steps.abstract_model(cfg)[1], nnx.Param))

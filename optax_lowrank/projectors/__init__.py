@@ -3,9 +3,12 @@
 from optax_lowrank.projectors.base import Basis, Projector
 from optax_lowrank.projectors.blocks import BlockBasis, blocks
 from optax_lowrank.projectors.coordinates import IndexBasis, coordinates, randperm
+from optax_lowrank.projectors.dct import DCTBasis, dct
 from optax_lowrank.projectors.granular import GranularBasis, granular
+from optax_lowrank.projectors.grass import SparseBasis, grass
 from optax_lowrank.projectors.online_pca import OnlinePCABasis, online_pca
 from optax_lowrank.projectors.random import KeyBasis, random
+from optax_lowrank.projectors.randomized_svd import randomized_svd
 from optax_lowrank.projectors.svd import (
     PROJ_TYPES,
     LeftBasis,
@@ -17,6 +20,7 @@ from optax_lowrank.projectors.svd import (
 __all__ = [
     "Basis",
     "BlockBasis",
+    "DCTBasis",
     "GranularBasis",
     "IndexBasis",
     "KeyBasis",
@@ -25,12 +29,16 @@ __all__ = [
     "PROJ_TYPES",
     "Projector",
     "RightBasis",
+    "SparseBasis",
     "TwoSidedBasis",
     "blocks",
     "coordinates",
+    "dct",
     "granular",
+    "grass",
     "online_pca",
     "random",
+    "randomized_svd",
     "randperm",
     "svd",
 ]
