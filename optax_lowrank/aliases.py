@@ -1048,19 +1048,42 @@ def adarankgrad(
 def galore_8bit(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 128,
-    **kwargs,
+    *,
+    update_proj_gap: int = 200,
+    scale: Union[float, jax.Array] = 0.25,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    stagger: bool = False,
+    projector: Union[str, Projector] = "svd",
 ) -> optax.GradientTransformationExtraArgs:
   """8-bit GaLore: ``galore`` with Adam's moments stored in int8 blocks of 256.
 
-  ``galore(learning_rate, rank, state_dtype="int8", **kwargs)``; see
-  ``galore`` and ``quantize.quantize_state`` (the moments are quantized with
-  a signed square-root map per block of 256, where galore-torch's
-  ``GaLoreAdamW8bit`` uses bitsandbytes' dynamic map).
+  ``galore(..., state_dtype="int8")``: the moments are quantized with a
+  signed square-root map per block of 256 (``quantize.quantize_state``),
+  where galore-torch's ``GaLoreAdamW8bit`` uses bitsandbytes' dynamic map.
+  Moments are kept across refreshes (``on_refresh="keep"``), as there.
 
   Args:
     learning_rate: A float or an optax schedule.
     rank: Subspace rank (int or fraction).
-    **kwargs: Any other argument of ``galore`` except ``state_dtype``.
+    update_proj_gap: Steps between SVD refreshes.
+    scale: GaLore's scale of the back-projected update.
+    proj_type: galore-torch's ``proj_type``.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected.
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    stagger: Spread the leaves' refreshes over the gap.
+    projector: ``"svd"`` or any ``Projector``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1076,9 +1099,13 @@ def galore_8bit(
     (8-bit GaLore); Dettmers et al., `8-bit Optimizers via Block-wise
     Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
-  if "state_dtype" in kwargs:
-    raise ValueError("`state_dtype` is fixed to 'int8' by galore_8bit")
-  return galore(learning_rate, rank, state_dtype="int8", **kwargs)
+  return galore(
+      learning_rate, rank, update_proj_gap=update_proj_gap, scale=scale,
+      proj_type=proj_type, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, mask=mask,
+      dimension_numbers=dimension_numbers, stagger=stagger,
+      projector=projector, state_dtype="int8",
+  )
 
 
 def q_galore(

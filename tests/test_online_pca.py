@@ -136,3 +136,15 @@ def test_sharded_equals_unsharded_with_stable_state_types(mesh):
 def test_bad_arguments_name_the_parameter(kwargs, match):
   with pytest.raises(ValueError, match=match):
     online_pca(**{"update_proj_gap": 10, **kwargs})
+
+
+def test_state_can_be_donated_from_init_on():
+  """The basis and the next basis are separate buffers (donating the state of a jitted
+  step must not see one buffer twice), from init and after the step-0 SVD."""
+  tx = ol.osd(1e-2, rank=4)
+  params = {"w": jnp.ones((32, 48))}
+  step = jax.jit(lambda s, g: tx.update(g, s, params)[1], donate_argnums=0)
+  state = jax.jit(tx.init)(params)
+  for i in range(3):
+    state = step(state, {"w": jax.random.normal(jax.random.key(i), (32, 48))})
+  assert np.all(np.isfinite(np.asarray(state[0].bases["w"].basis.next.vh)))

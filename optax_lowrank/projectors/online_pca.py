@@ -136,12 +136,15 @@ def online_pca(
   def init(info, dtype):
     basis = exact.init(info, jnp.float32)
     m = _matrix(basis)
-    return OnlinePCABasis(basis, basis, jnp.zeros_like(m), jnp.zeros_like(m),
+    # Separate arrays (not one array twice), so the state can be donated.
+    return OnlinePCABasis(basis, jax.tree.map(jnp.copy, basis),
+                          jnp.zeros_like(m), jnp.zeros_like(m),
                           jnp.zeros([], jnp.int32))
 
   def first(g, state, key, step):
     basis = exact.refresh(g, state.basis, key, step)
-    return dataclasses.replace(state, basis=basis, next=basis)
+    return dataclasses.replace(state, basis=basis,
+                               next=jax.tree.map(jnp.copy, basis))
 
   def descend(g, state, key, step):
     del key
