@@ -109,8 +109,8 @@ def build_accumulating(name: str, args, schedule, mask, dims, params):
   """`optax_lowrank.MultiSteps` over `--micro-batches` for `--accumulate` auto/subspace.
 
   Returns None where gradients are accumulated at full size instead: one micro-batch,
-  `--accumulate full`, or `auto` with an optimizer whose update reads the full gradient
-  (APOLLO, Fira, FRUGAL, Flora). `params` may be abstract (`jax.ShapeDtypeStruct`s).
+  `--accumulate full`, an optimizer that projects nothing (adamw), or `auto` with an
+  optimizer whose update reads the full gradient (APOLLO, Fira, FRUGAL, Flora). `params` may be abstract (`jax.ShapeDtypeStruct`s).
   """
   if args.micro_batches == 1 or args.accumulate == "full":
     return None
@@ -119,9 +119,11 @@ def build_accumulating(name: str, args, schedule, mask, dims, params):
   tx = optax_lowrank.MultiSteps(build(name, args, schedule, mask, dims, clip=False),
                                 args.micro_batches)
   try:
-    jax.eval_shape(tx.init, params)
+    state = jax.eval_shape(tx.init, params)
   except ValueError as e:
     if args.accumulate == "subspace":
       raise ValueError(f"--accumulate subspace: {e}") from None
+    return None
+  if not state.acc_projected:  # nothing is projected: the plain full-size path
     return None
   return tx
