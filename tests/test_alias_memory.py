@@ -10,7 +10,8 @@ The parameter tree has a kernel with ``m > n``, one with ``m < n`` (Flax
 size, as in ``DimensionNumbers``), a stack of 3 kernels with
 ``DimensionNumbers(1, 2)`` (a leading layers axis) and a bias vector. Leaves
 that are not projected keep their method's full state (two Adam moments).
-A registered optimizer without a formula here is reported as skipped.
+A registered optimizer without a formula here is reported as skipped (the quantized
+ones, galore_8bit and q_galore, have their exact block layouts in test_quantize.py).
 """
 
 import math
@@ -164,6 +165,56 @@ def flora(s, min_dim, momentum_size):
   return per_leaf, 2 * INT32
 
 
+def vlorp(s, c=4, r=2):
+  """ProjFactor: the first moment of the regrouped projection, ``max(m, n)·c·r`` per
+  matrix in the gradient's dtype; a row and a column factor (float32) and a count;
+  one key per leaf (the matrix is never stored). The bias gets AdamW with its own
+  count (``scale_by_adam_leafwise``)."""
+  per_leaf = {}
+  for name in MATRICES:
+    b, m, n = _matrices(name)
+    per_leaf[name] = b * max(m, n) * c * r * s + b * (m + n) * FLOAT32 + INT32 + KEY
+  per_leaf["bias"] = _full_adam("bias", s) + INT32
+  return per_leaf, 2 * INT32  # lowrank_project's count, optax.ema's count
+
+
+def osd(s):
+  """GaLore's moments; the basis, the next basis and the basis's AdamW moments, all
+  float32 (the basis is optimized), and that AdamW's count."""
+  per_leaf = {k: _moments(k, RANK, s) + 4 * _svd_basis(k, RANK, FLOAT32) + INT32
+              for k in MATRICES}
+  per_leaf["bias"] = _full_adam("bias", s)
+  return per_leaf, 2 * INT32
+
+
+def dct_adamw(s):
+  """Adam on ``r`` DCT columns: GaLore's moments, ``r`` int32 indices per matrix."""
+  per_leaf = {k: _moments(k, RANK, s) + _matrices(k)[0] * RANK * INT32 for k in MATRICES}
+  per_leaf["bias"] = _full_adam("bias", s)
+  for name in per_leaf:  # scale_by_adam_leafwise: one count per leaf
+    per_leaf[name] += INT32
+  return per_leaf, INT32
+
+
+def grass(s):
+  """Adam on ``r`` selected rows: GaLore's moments, ``r`` int32 indices and ``r``
+  float32 scales per matrix."""
+  per_leaf = {k: _moments(k, RANK, s) + _matrices(k)[0] * RANK * (INT32 + FLOAT32)
+              for k in MATRICES}
+  per_leaf["bias"] = _full_adam("bias", s)
+  for name in per_leaf:
+    per_leaf[name] += INT32
+  return per_leaf, INT32
+
+
+def adarankgrad(s):
+  """GaLore's state at the maximum rank, plus the rank in use per matrix."""
+  per_leaf = {k: _moments(k, RANK, s) + _svd_basis(k, RANK, s) + _matrices(k)[0] * INT32
+              for k in MATRICES}
+  per_leaf["bias"] = _full_adam("bias", s)
+  return per_leaf, 2 * INT32
+
+
 # name → [(case, kwargs, formula(itemsize) -> (per-leaf bytes, shared bytes))]
 CASES = {
     "galore": [("", dict(rank=RANK), galore)],
@@ -181,6 +232,11 @@ CASES = {
                                   ("svd", frugal_svd))
         for density in (0.25, 0.3)
     ],
+    "vlorp": [("c4-r2", dict(rank=2, granularity=4), vlorp)],
+    "osd": [("", dict(rank=RANK), osd)],
+    "dct_adamw": [("", dict(rank=RANK), dct_adamw)],
+    "grass": [("", dict(rank=RANK), grass)],
+    "adarankgrad": [("", dict(rank=RANK), adarankgrad)],
     "flora": [
         # Every matrix factored and compressed (bfloat16 momentum, the
         # default); the stack (min side 20) neither; nothing (the default
