@@ -34,7 +34,7 @@ def _micro_grads(seed, shapes):
           for _ in range(K)]
 
 
-@pytest.mark.parametrize("R, C, c", [(48, 16, 4), (16, 48, 2), (32, 32, 0.5), (48, 16, 1)])
+@pytest.mark.parametrize("R, C, c", [(48, 16, 4), (16, 48, 0.5)])
 def test_accumulated_projection_equals_projected_mean_float64(R, C, c):
   """identity inner, back-projection: the k-th update is up(down(mean G)) of the step's
   basis, computed densely in float64 from the micro-batches."""

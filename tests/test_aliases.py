@@ -89,10 +89,11 @@ def _unsharded_run(name):
 # test_online_pca, test_quantize) are left out here to keep the suite short.
 OWN_SHARDED_TESTS = ("adarankgrad", "dct_adamw", "grass", "osd", "galore_8bit")
 SHARDED_CASES = [(name, "both") for name in sorted(ALIASES)
-                 if name not in OWN_SHARDED_TESTS] + [("apollo", "rows"), ("apollo", "cols")]
-# One alias per kind of state (basis types, limiter, factored moments, quantized and lazy
-# bases); GaLore (and so Fira's SVD basis) has its own in test_checkpoint.py.
-ROUNDTRIP = ("apollo", "frugal_blocks", "frugal_columns", "flora", "vlorp", "q_galore")
+                 if name not in OWN_SHARDED_TESTS] + [("apollo", "rows")]
+# One alias per kind of state (block and index bases, factored moments, key-drawn granular
+# bases with ProjFactor, quantized lazy bases); GaLore (and Fira's SVD basis) has its own in
+# test_checkpoint.py.
+ROUNDTRIP = ("frugal_blocks", "frugal_columns", "flora", "vlorp", "q_galore")
 
 
 @pytest.mark.parametrize("name, case", SHARDED_CASES)
