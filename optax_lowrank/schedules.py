@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_lowrank import shapes
-from optax_lowrank.projectors.base import Projector
+from optax_lowrank.projectors.base import Projector, check_wrappable
 from optax_lowrank.projectors.svd import LeftBasis, RightBasis
 
 # refresh(step, leaf_index, num_leaves) -> bool scalar
@@ -84,6 +84,9 @@ class LazyBasis:
       consecutive leading singular vectors, newest last (``(batch..., q)``).
     count: How many of them are filled (int32, ``(batch...)``).
     previous: Leading singular vector of the last refresh (``(batch..., l)``).
+    calls: How many times ``lowrank_project`` has asked for a refresh
+      (int32): ``calls · update_proj_gap`` is the leaf's step on its own
+      (possibly staggered) schedule.
   """
 
   basis: Any
@@ -91,6 +94,7 @@ class LazyBasis:
   similarities: jax.Array
   count: jax.Array
   previous: jax.Array
+  calls: jax.Array
 
 
 def lazy(
@@ -110,7 +114,9 @@ def lazy(
   ``gamma`` (again at each later refresh while that holds, as in the code). A
   matrix refreshes on steps that are multiples of its gap; ``lowrank_project``
   asks on multiples of ``update_proj_gap`` (give it the same gap), and the
-  SVD runs only when some matrix of the leaf is due.
+  SVD runs only when some matrix of the leaf is due. Steps are counted on the
+  leaf's own schedule (``calls · update_proj_gap``), which is the global
+  step without ``stagger`` and the step less the leaf's offset with it.
 
   The similarity is signed, as in the code; our SVD signs are deterministic
   (``projectors.svd``), where torch's are not. Use it with
@@ -142,6 +148,7 @@ def lazy(
     2024; code: github.com/VITA-Group/Q-GaLore
     (``q_galore_projector.py``).
   """
+  check_wrappable(projector, "schedules.lazy")
   if not isinstance(update_proj_gap, int) or update_proj_gap < 1:
     raise ValueError(
         f"`update_proj_gap` must be a positive int, got {update_proj_gap!r}")
@@ -166,10 +173,11 @@ def lazy(
             out_sharding=shapes.out_sharding(batch_spec)),
         count=count,
         previous=jnp.zeros_like(_first_vector(basis), jnp.float32),
+        calls=jnp.zeros([], jnp.int32),
     )
 
   def refresh(g, state, key, step):
-    due = (step % state.gap) == 0
+    due = (state.calls * update_proj_gap) % state.gap == 0
 
     def renew(g, state):
       new = projector.refresh(g, state.basis, key, step)
@@ -192,11 +200,13 @@ def lazy(
           lambda n, o: jnp.where(_per_matrix(due, o), n.astype(o.dtype), o),
           new, state.basis)
       previous = jnp.where(due[..., None], first, state.previous)
-      return jax.tree.map(shapes.reshard_like,
-                          LazyBasis(basis, gap, similarities, count, previous),
-                          state)
+      return jax.tree.map(
+          shapes.reshard_like,
+          LazyBasis(basis, gap, similarities, count, previous, state.calls),
+          state)
 
-    return jax.lax.cond(jnp.any(due), renew, lambda g, s: s, g, state)
+    state = jax.lax.cond(jnp.any(due), renew, lambda g, s: s, g, state)
+    return dataclasses.replace(state, calls=state.calls + 1)
 
   def down(state, g):
     return projector.down(state.basis, g)
@@ -250,6 +260,7 @@ def adaptive_rank(projector: Projector, threshold: float = 0.9) -> Projector:
     Memory-Efficient LLMs Training and Fine-Tuning
     <https://arxiv.org/abs/2410.17881>`_, ICLR 2025.
   """
+  check_wrappable(projector, "schedules.adaptive_rank")
   if not 0.0 < threshold <= 1.0:
     raise ValueError(f"`threshold` must be in (0, 1], got {threshold!r}")
 

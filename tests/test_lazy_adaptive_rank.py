@@ -84,6 +84,32 @@ def test_lazy_refresh_doubles_the_gap_of_a_stable_subspace(fixed):
     assert got_gap == gap and refreshes == list(range(0, 40, gap))
 
 
+def test_lazy_refresh_follows_each_leafs_staggered_schedule():
+  """With ``stagger``, leaf "b" is asked at steps 0, 2, 6, 10, ... instead of 0, 4, 8:
+  its lazy gap counts those calls, so it refreshes on the same calls as leaf "a"."""
+  rng = np.random.default_rng(1)
+  gap, steps = 4, 80
+  tx = ol.lowrank_project(optax.identity(), rank=2, update_proj_gap=gap, stagger=True,
+                          projector=schedules.lazy(projectors.svd(), gap))
+  fixed_g, _ = _gradient(rng, np.array([10.0, 3.0, 1.0, 0.5]))
+  state = tx.init({"a": jnp.zeros((C, R)), "b": jnp.zeros((C, R))})
+  update = jax.jit(tx.update)
+  refreshed = {"a": [], "b": []}
+  previous = {}
+  for step in range(steps):
+    g = {k: jnp.asarray(fixed_g + 1e-3 * rng.standard_normal(fixed_g.shape), jnp.float32)
+         for k in refreshed}
+    _, state = update(g, state)
+    for k, offset in (("a", 0), ("b", gap // 2)):
+      first = np.asarray(state.bases[k].basis.basis.vh[0])
+      if k not in previous or not np.array_equal(first, previous[k]):
+        refreshed[k].append((step + (gap - offset) % gap) // gap)  # the call's index
+      previous[k] = first
+  assert refreshed["a"] == refreshed["b"], refreshed
+  assert len(refreshed["a"]) >= 4 and refreshed["a"][-1] > len(refreshed["a"])  # grew
+  assert int(state.bases["b"].basis.gap) == int(state.bases["a"].basis.gap) > gap
+
+
 def test_adaptive_rank_keeps_the_energy_and_never_grows():
   rng = np.random.default_rng(1)
   r, threshold = 6, 0.85
