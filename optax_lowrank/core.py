@@ -273,16 +273,27 @@ def lowrank_project(
       bases.append(LeafBasis(basis, p.rank, p.layout.matrix_shape))
       combine_states.append(combine_state)
       proxies.append(projector.down(basis, g))
+    inner_tx = inner_for(plans, treedef)
+    inner_state = inner_tx.init(treedef.unflatten(proxies))
+    if projector.reads_first_moment:
+      found = moments.first_moments(inner_tx, inner_state, treedef)
+      for p, m, r in zip(plans, found, proxies):
+        if p is not None and (m is None or m.shape != r.shape):
+          raise ValueError(
+              f"Leaf {p.path}: the projector reads the inner optimizer's "
+              f"first moment, but the inner state has no parameter-shaped "
+              f"field named one of {moments.FIRST_MOMENT_FIELDS} for it; use "
+              "an inner optimizer that keeps one, e.g. optax.scale_by_adam.")
     return LowRankState(
         count=jnp.zeros([], jnp.int32),
         bases=treedef.unflatten(bases),
         combine_states=treedef.unflatten(combine_states),
-        inner_state=inner_for(plans, treedef).init(
-            treedef.unflatten(proxies)),
+        inner_state=inner_state,
     )
 
-  def refresh_leaf(g, basis, key, step):
-    new = projector.refresh(g.astype(jnp.float32), basis, key, step)
+  def refresh_leaf(g, basis, key, step, *first_moment):
+    new = projector.refresh(g.astype(jnp.float32), basis, key, step,
+                            *first_moment)
     finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
     batch = finite.shape
 
@@ -320,11 +331,15 @@ def lowrank_project(
     )
     step = state.count
     base_key = jax.random.fold_in(jax.random.key(seed), step)
+    first_moments = (
+        moments.first_moments(inner_tx, state.inner_state, treedef)
+        if projector.reads_first_moment and not applying
+        else [None] * len(grads))
 
     matrices, new_bases, reduced, inner_params = [], [], [], []
     refreshed, rotations = [], []
-    for g, old, w, r_acc, p in zip(
-        grads, old_bases, params_leaves, stored, plans):
+    for g, old, w, r_acc, m, p in zip(
+        grads, old_bases, params_leaves, stored, first_moments, plans):
       if p is None:
         matrices.append(None)
         new_bases.append(old)
@@ -348,8 +363,8 @@ def lowrank_project(
         basis = jax.lax.cond(
             do_refresh,
             refresh_leaf,
-            lambda g, b, k, s: b,
-            g2, old.basis, key, step,
+            lambda g, b, *_: b,
+            g2, old.basis, key, step, *(() if m is None else (m,)),
         )
         matrices.append(g2)
         reduced.append(projector.down(basis, g2))

@@ -19,7 +19,11 @@ ON_REFRESH = ("keep", "reset", "transfer", "rotate")
 FIRST_MOMENT_FIELDS = ("mu", "trace", "momentum")
 
 
-def _param_index_per_state_leaf(inner, inner_state, treedef) -> list[int]:
+def _param_index_per_state_leaf(
+    inner, inner_state, treedef,
+    purpose: str = "`on_refresh` 'reset', 'transfer' and 'rotate'",
+    instead: str = "Use on_refresh='keep'.",
+) -> list[int]:
   """For each leaf of ``inner_state``, the index of its parameter, or -1."""
   index_tree = treedef.unflatten(range(treedef.num_leaves))
   try:
@@ -32,9 +36,9 @@ def _param_index_per_state_leaf(inner, inner_state, treedef) -> list[int]:
     )
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
-        "`on_refresh` 'reset', 'transfer' and 'rotate' need an inner transform whose init "
-        "accepts optax's parameter placeholder (optax.tree.map_params); this "
-        f"one failed with: {e!r}. Use on_refresh='keep'."
+        f"{purpose} need an inner transform whose init accepts optax's "
+        "parameter placeholder (optax.tree.map_params); this one failed with: "
+        f"{e!r}. {instead}"
     ) from e
   return jax.tree.leaves(marks)
 
@@ -44,6 +48,33 @@ def _is_first_moment(path) -> bool:
       isinstance(k, jax.tree_util.GetAttrKey) and k.name in FIRST_MOMENT_FIELDS
       for k in path
   )
+
+
+def first_moments(inner, inner_state, treedef) -> list[Optional[jax.Array]]:
+  """Each parameter leaf's first moment in ``inner_state``, or ``None``.
+
+  A first moment is a parameter-shaped state leaf under a field named in
+  ``FIRST_MOMENT_FIELDS``.
+
+  Raises:
+    ValueError: If a parameter leaf has more than one.
+  """
+  marks = _param_index_per_state_leaf(
+      inner, inner_state, treedef,
+      purpose="Projectors that read the first moment (coap)",
+      instead="Use an inner optimizer like optax.scale_by_adam.")
+  found: list[Optional[jax.Array]] = [None] * treedef.num_leaves
+  paths_leaves, _ = jax.tree.flatten_with_path(inner_state)
+  for (path, leaf), i in zip(paths_leaves, marks):
+    if i < 0 or not _is_first_moment(path):
+      continue
+    if found[i] is not None:
+      raise ValueError(
+          "The inner optimizer keeps more than one first moment "
+          f"({FIRST_MOMENT_FIELDS}) for a parameter; a projector that reads "
+          "the first moment needs exactly one.")
+    found[i] = leaf
+  return found
 
 
 def apply_on_refresh(

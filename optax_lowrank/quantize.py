@@ -61,7 +61,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from optax_lowrank import shapes
-from optax_lowrank.projectors.base import Projector
+from optax_lowrank.projectors.base import Projector, check_wrappable
 
 BITS = (4, 8)
 MAPS = ("linear", "sqrt")
@@ -512,9 +512,7 @@ def quantize_basis(
     2024; Dettmers et al., `8-bit Optimizers via Block-wise Quantization
     <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
-  if not isinstance(projector, Projector):
-    raise ValueError(
-        f"`projector` must be a Projector instance, got {projector!r}")
+  check_wrappable(projector, "quantize_basis")
   _validate(bits, block_size, "linear")
 
   def init(info, dtype):

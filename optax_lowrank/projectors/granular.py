@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_lowrank import shapes
-from optax_lowrank.projectors.base import Projector
+from optax_lowrank.projectors.base import Projector, check_wrappable
 
 
 @jax.tree_util.register_dataclass
@@ -73,8 +73,7 @@ def granular(projector: Projector, granularity) -> Projector:
     Projection of Gradients <https://arxiv.org/abs/2505.01744>`_, ICML 2025.
   """
   shapes.validate_granularity(granularity)
-  if not isinstance(projector, Projector):
-    raise ValueError(f"`projector` must be a Projector, got {projector!r}")
+  check_wrappable(projector, "granularity (projectors.granular)")
 
   def init(info, dtype):
     m2, n2, side = shapes.granular_shape(info.m, info.n, granularity)
