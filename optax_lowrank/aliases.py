@@ -1186,3 +1186,97 @@ def q_galore(
       dimension_numbers=dimension_numbers, projector=projector,
       state_dtype="int8",
   )
+
+
+def coap(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 128,
+    *,
+    update_proj_gap: int = 32,
+    reproject_factor: int = 5,
+    scale: Union[float, jax.Array] = 0.25,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    stagger: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """COAP-AdamW: Adam in a subspace kept aligned with the first moment.
+
+  Adam runs on ``R = down(P, G)`` as in GaLore. The basis ``P``
+  (``projectors.coap``) is found at step 0 by a range finder from a Gaussian
+  block. Every ``update_proj_gap`` steps (the code's ``update_interval``) it
+  either takes one gradient step (learning rate 0.1, gradient norm clipped to
+  1) on the reconstruction error of ``G`` times one minus the mean row
+  cosine between the back-projected first moment and ``G``, or, every
+  ``reproject_factor``-th time (step ``update_proj_gap · reproject_factor``
+  and its multiples), is recomputed by the range finder seeded with the
+  current basis. The moments are kept across every change of basis (the
+  code's ``restore_state=False``, its setting for LLaMA). Leaves that are not
+  projected get the same Adam.
+
+  Follows the authors' ``coap_torch.AdamW``: the Hugging Face AdamW, whose
+  ``eps`` is on the uncorrected ``√v`` and whose bias correction is in the
+  step size (``inner.scale_by_adam_uncorrected`` then
+  ``inner.scale_by_bias_correction``), with the back-projected direction
+  multiplied by ``scale``. Two documented differences: weight decay uses the
+  parameter before the step (the code decays the updated one, a difference
+  of order ``lr² · weight_decay``), and the first Gaussian block is drawn
+  from a JAX key (the code seeds a ``torch.Generator`` with 3407 for every
+  matrix). The signs of a recomputed basis, which the code leaves to the SVD
+  library although the kept moments depend on them, follow the basis they
+  replace (see ``projectors.coap``). The code computes each basis in float32
+  and keeps it in the parameter's dtype; so does this.
+
+  Args:
+    learning_rate: A float or an optax schedule (the authors' LLaMA-1B: 0.01,
+      10% warmup, cosine).
+    rank: Subspace rank (int) or fraction of each matrix's smaller side (the
+      authors: 512 for LLaMA-1B, 1024 for 7B).
+    update_proj_gap: Steps between basis updates, the code's
+      ``update_interval`` (its default 32; its LLaMA scripts use 40 for 1B
+      and 100 for 7B).
+    reproject_factor: Every how many updates the basis is recomputed (5).
+    scale: Multiplier of the back-projected update (the code's class default
+      is 1.0; its LLaMA scripts use 0.25).
+    proj_type: ``std`` (the code: the smaller side), ``reverse_std``,
+      ``left`` or ``right``.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, on the uncorrected ``√v``.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected (the authors: the attention and MLP
+      linear layers).
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    stagger: Spread the leaves' basis updates over the interval.
+    seed: Seed of the first Gaussian blocks.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
+    >>> tx = optax_lowrank.coap(1e-2, rank=8)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+
+  References:
+    Xiao et al., `COAP: Memory-Efficient Training with Correlation-Aware
+    Gradient Projection <https://arxiv.org/abs/2412.00071>`_, CVPR 2025;
+    code: github.com/bytedance/coap.
+  """
+  _validate_adam(b1, b2, eps, weight_decay)
+  projector = projectors_lib.coap(reproject_factor, proj_type)
+  return _hf_adamw_in_subspace(
+      learning_rate, rank, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, update_proj_gap=update_proj_gap,
+      scale=scale, projector=projector, mask=mask,
+      dimension_numbers=dimension_numbers, stagger=stagger, seed=seed,
+  )

@@ -20,4 +20,5 @@ optimizers = {
     "adarankgrad": aliases.adarankgrad,
     "galore_8bit": aliases.galore_8bit,
     "q_galore": aliases.q_galore,
+    "coap": aliases.coap,
 }

@@ -215,6 +215,16 @@ def adarankgrad(s):
   return per_leaf, 2 * INT32
 
 
+def coap(s):
+  """GaLore's moments and basis (in the parameters' dtype, as the code keeps it), and
+  one int32 count of basis updates per leaf (every fifth is a range find)."""
+  per_leaf = {k: _moments(k, RANK, s) + _svd_basis(k, RANK, s) + INT32
+              for k in MATRICES}
+  per_leaf["bias"] = _full_adam("bias", s)
+  # As APOLLO: lowrank count, uncorrected Adam's count, bias-correction count.
+  return per_leaf, 3 * INT32
+
+
 # name → [(case, kwargs, formula(itemsize) -> (per-leaf bytes, shared bytes))]
 CASES = {
     "galore": [("", dict(rank=RANK), galore)],
@@ -237,6 +247,7 @@ CASES = {
     "dct_adamw": [("", dict(rank=RANK), dct_adamw)],
     "grass": [("", dict(rank=RANK), grass)],
     "adarankgrad": [("", dict(rank=RANK), adarankgrad)],
+    "coap": [("", dict(rank=RANK), coap)],
     "flora": [
         # Every matrix factored and compressed (bfloat16 momentum, the
         # default); the stack (min side 20) neither; nothing (the default

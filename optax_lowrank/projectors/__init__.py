@@ -2,6 +2,7 @@
 
 from optax_lowrank.projectors.base import Basis, Projector
 from optax_lowrank.projectors.blocks import BlockBasis, blocks
+from optax_lowrank.projectors.coap import COAPBasis, coap
 from optax_lowrank.projectors.coordinates import IndexBasis, coordinates, randperm
 from optax_lowrank.projectors.dct import DCTBasis, dct
 from optax_lowrank.projectors.granular import GranularBasis, granular
@@ -20,6 +21,7 @@ from optax_lowrank.projectors.svd import (
 __all__ = [
     "Basis",
     "BlockBasis",
+    "COAPBasis",
     "DCTBasis",
     "GranularBasis",
     "IndexBasis",
@@ -32,6 +34,7 @@ __all__ = [
     "SparseBasis",
     "TwoSidedBasis",
     "blocks",
+    "coap",
     "coordinates",
     "dct",
     "granular",

@@ -46,30 +46,36 @@ def _wrap(like, x):
   return RightBasis(x) if isinstance(like, RightBasis) else LeftBasis(x)
 
 
-def reconstruction_grad(p: jax.Array, g: jax.Array, side: str) -> jax.Array:
-  """Gradient in ``p`` of ``‖Ĝ PᵀP − Ĝ‖²`` (right) or ``‖P Pᵀ Ĝ − Ĝ‖²`` (left).
+def reconstruction_error(
+    p: jax.Array, g: jax.Array, side: str
+) -> tuple[jax.Array, jax.Array]:
+  """``‖G PᵀP − G‖²`` (right) or ``‖P Pᵀ G − G‖²`` (left), and its gradient in ``p``.
 
-  ``Ĝ = G/‖G‖``; ``g`` is ``Gᵀ`` in the parameter's layout ``(batch..., n, m)``,
-  ``p`` the basis matrix (``(r, n)`` right, ``(m, r)`` left). Written with
-  explicit contractions so that a gradient sharded along either axis is never
-  gathered.
+  ``g`` is ``Gᵀ`` in the parameter's layout ``(batch..., n, m)``, ``p`` the
+  basis matrix (``(r, n)`` right, ``(m, r)`` left; orthonormal or not). With
+  ``E`` the residual, the gradient is ``2(P Eᵀ G + P Gᵀ E)`` on the right and
+  ``2(E Gᵀ P + G Eᵀ P)`` on the left. Written with explicit contractions so
+  that a gradient sharded along either axis is never gathered.
+
+  Returns:
+    ``(error, grad)``: the squared error per matrix, ``(batch...)``, and its
+    gradient, shaped like ``p``.
   """
-  norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=(-2, -1), keepdims=True))
-  g = g / jnp.where(norm > 0, norm, 1.0)
   spec = shapes.explicit_spec(p)
   out = shapes.out_sharding(spec)
-  if side == "right":  # ĝ = Ĝᵀ (n, m), P (r, n): E = PᵀPĝ − ĝ
-    a = matmul.down_right(p, g)                      # P ĝ, (r, m)
+  if side == "right":  # g = Gᵀ (n, m), P (r, n): E = PᵀP g − g
+    a = matmul.down_right(p, g)                      # P g, (r, m)
     e = matmul.up_right(p, a) - g                    # (n, m)
     pe = matmul.down_right(p, e)                     # P E, (r, m)
-    return 2.0 * (jnp.einsum("...rm,...nm->...rn", a, e, out_sharding=out)
+    grad = 2.0 * (jnp.einsum("...rm,...nm->...rn", a, e, out_sharding=out)
                   + jnp.einsum("...rm,...nm->...rn", pe, g, out_sharding=out))
-  # left: ĝ (n, m), U = P (m, r): E = ĝ U Uᵀ − ĝ
-  a = matmul.down_left(p, g)                         # ĝ U, (n, r)
-  e = matmul.up_left(p, a) - g                       # (n, m)
-  eu = matmul.down_left(p, e)                        # E U, (n, r)
-  return 2.0 * (jnp.einsum("...nm,...nr->...mr", g, eu, out_sharding=out)
-                + jnp.einsum("...nm,...nr->...mr", e, a, out_sharding=out))
+  else:  # left: g (n, m), U = P (m, r): E = g U Uᵀ − g
+    a = matmul.down_left(p, g)                       # g U, (n, r)
+    e = matmul.up_left(p, a) - g                     # (n, m)
+    eu = matmul.down_left(p, e)                      # E U, (n, r)
+    grad = 2.0 * (jnp.einsum("...nm,...nr->...mr", g, eu, out_sharding=out)
+                  + jnp.einsum("...nm,...nr->...mr", e, a, out_sharding=out))
+  return jnp.sum(jnp.square(e), axis=(-2, -1)), grad
 
 
 def online_pca(
@@ -151,7 +157,9 @@ def online_pca(
     basis = state.next
     p = _matrix(basis)
     side = "right" if isinstance(basis, RightBasis) else "left"
-    grad = reconstruction_grad(p, g, side)
+    # The online-PCA loss ``‖Ĝ PᵀP − Ĝ‖²`` of the normalized gradient.
+    norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=(-2, -1), keepdims=True))
+    _, grad = reconstruction_error(p, g / jnp.where(norm > 0, norm, 1.0), side)
     ratio = 1.0 if lr_ratio is None else jnp.asarray(lr_ratio(step), jnp.float32)
     lr = ratio / update_proj_gap
     count = state.count + 1
