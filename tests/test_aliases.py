@@ -50,6 +50,8 @@ ALIASES = {
     "osd": lambda: ol.osd(0.1, rank=4, update_proj_gap=2, dimension_numbers=DIMS),
     "vlorp": lambda: ol.vlorp(0.1, rank=2, granularity=4, update_proj_gap=2,
                               dimension_numbers=DIMS, weight_decay=0.01),
+    "coap": lambda: ol.coap(0.1, rank=4, update_proj_gap=2, reproject_factor=2,
+                            dimension_numbers=DIMS),
 }
 
 
@@ -86,8 +88,8 @@ def _unsharded_run(name):
 # Every alias on matrices sharded along both axes (stack sharded on its layer axis too);
 # the random projectors, drawn sharded, also along one axis at a time.
 # Aliases whose projector has a sharded test of its own (test_randomized_svd, test_dct_grass,
-# test_online_pca, test_quantize) are left out here to keep the suite short.
-OWN_SHARDED_TESTS = ("adarankgrad", "dct_adamw", "grass", "osd", "galore_8bit")
+# test_online_pca, test_quantize, test_coap) are left out here to keep the suite short.
+OWN_SHARDED_TESTS = ("adarankgrad", "dct_adamw", "grass", "osd", "galore_8bit", "coap")
 SHARDED_CASES = [(name, "both") for name in sorted(ALIASES)
                  if name not in OWN_SHARDED_TESTS] + [("apollo", "rows")]
 # One alias per kind of state (block and index bases, factored moments, key-drawn granular
@@ -188,6 +190,9 @@ def test_blocks_needs_a_stacked_axis_and_names_the_leaf():
     (ol.frugal, dict(state_free_rule="adam"), "rule"),
     (ol.flora, dict(b2=0.0), "b2"),
     (ol.flora, dict(clipping_threshold=0.0), "clipping_threshold"),
+    (ol.coap, dict(reproject_factor=0), "reproject_factor"),
+    (ol.coap, dict(update_proj_gap=0), "update_proj_gap"),
+    (ol.coap, dict(b1=1.0), "b1"),
 ])
 def test_bad_hyperparameters_name_the_parameter(factory, kwargs, match):
   with pytest.raises(ValueError, match=match):
