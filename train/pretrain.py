@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--remat", default="none", help=f"one of {', '.join(REMAT_POLICIES)}")
   g.add_argument("--dtype", default="float32", help="activation dtype: float32, bfloat16")
   g.add_argument("--param-dtype", default="float32")
+  g.add_argument("--weight-quant", default="none",
+                 help="int8: store the projected matrices as int8 blocks of 256, rounded "
+                 "stochastically after each update (Q-GaLore's weights); none: as "
+                 "--param-dtype")
   g = p.add_argument_group("optimizer")
   g.add_argument("--optimizer", default="adamw")
   g.add_argument("--lr", type=float, default=1e-3)
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None):
   """Parses and validates flags; every error names its flag (argparse exits with 2)."""
-  from train import optimizers
+  from train import optimizers, weight_quant
   from models import sharding as shd
   parser = build_parser()
   pre, _ = parser.parse_known_args(argv)
@@ -133,6 +137,9 @@ def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None
     error(f"--optimizer: unknown {args.optimizer!r}; choose from {', '.join(sorted(names))}")
   if args.remat not in REMAT_POLICIES:
     error(f"--remat: unknown {args.remat!r}; choose from {', '.join(REMAT_POLICIES)}")
+  if args.weight_quant not in weight_quant.MODES:
+    error(f"--weight-quant: unknown {args.weight_quant!r}; choose from "
+          f"{', '.join(weight_quant.MODES)}")
   for flag in ("dtype", "param_dtype"):
     if getattr(args, flag) not in ("float32", "bfloat16", "float16"):
       error(f"--{flag.replace('_', '-')}: choose from float32, bfloat16, float16")
@@ -227,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   from tqdm import tqdm
   from models import sharding as shd
   from models.lowrank import lowrank_spec, pure_dict
-  from train import data, optimizers, steps
+  from train import data, optimizers, steps, weight_quant
   from train.plot import plot_runs
 
   lead = jax.process_index() == 0
@@ -265,7 +272,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
           args.optimizer, args, schedule, mask, dims, abstract_params)
     if accumulating is not None:
       tx = accumulating
-    init, abstract_state, shardings, _ = steps.state_shardings(cfg, tx, mesh)
+    weights = (weight_quant.Int8Weights(mask, seed=args.seed)
+               if args.weight_quant == "int8" else None)
+    init, abstract_state, shardings, _ = steps.state_shardings(
+        cfg, tx, mesh, store=weights.store if weights else None)
   except ValueError as e:
     sys.exit(f"python -m train.pretrain: error: --optimizer {args.optimizer}: {e}")
   sizes = jax.tree.leaves(jax.tree.map(lambda x: x.size, abstract_params))
@@ -275,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
       f"matrices), d={cfg.d_model} layers={cfg.num_layers} vocab={cfg.vocab_size} "
       f"context={cfg.max_seq_len}; mesh {dict(args.mesh_shape)} on {jax.device_count()} "
       f"{jax.devices()[0].platform} devices")
+  param_bytes = weight_quant.nbytes(abstract_state["params"])
+  if weights:
+    say(f"int8 weights (projected matrices, blocks of {weights.block_size}, stochastic "
+        f"rounding): parameters stored in {_mib(param_bytes)} instead of "
+        f"{_mib(weight_quant.nbytes(abstract_params))}")
   if args.micro_batches > 1:
     say(f"gradient accumulation over {args.micro_batches} micro-batches: "
         + ("full size" if accumulating is None else
@@ -301,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     abstract_batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)
     make_step = (steps.make_train_step(graphdef, tx, schedule) if accumulating is None
                  else steps.make_subspace_train_step(graphdef, tx, schedule, args.clip))
+    eval_fn = steps.make_eval_step(graphdef)
+    if weights:
+      make_step, eval_fn = weights.wrap_step(make_step), weights.wrap_eval(eval_fn)
     train_step = jax.jit(make_step,
                          in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, None), donate_argnums=0)
@@ -310,8 +328,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       say(f"train step memory per device: arguments {_mib(mem.argument_size_in_bytes)}, "
           f"outputs {_mib(mem.output_size_in_bytes)} (aliased "
           f"{_mib(mem.alias_size_in_bytes)}), temporaries {_mib(mem.temp_size_in_bytes)}")
-    eval_step = jax.jit(steps.make_eval_step(graphdef),
-                        in_shardings=(shardings["params"], eval_sharding))
+    eval_step = jax.jit(eval_fn, in_shardings=(shardings["params"], eval_sharding))
 
     def put(batch, sharding):
       return jax.make_array_from_callback(batch.shape, sharding, lambda idx: batch[idx])
@@ -398,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plot_runs([args.out], plot, labels=[args.optimizer], baseline=baseline)
   summary = {"step": step, "val_loss": val_loss, "val_ppl": val_ppl,
              "unigram_loss": baseline, "unigram_ppl": data.perplexity(baseline),
-             "plot": plot}
+             "param_bytes": param_bytes, "plot": plot}
   if lead:
     with open(os.path.join(args.out, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

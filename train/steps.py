@@ -46,15 +46,20 @@ def make_loss_fn(graphdef) -> Callable[[Any, jax.Array], jax.Array]:
   return loss_fn
 
 
-def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs=None):
-  """init(key) → train state; params are resharded to their specs where they are born."""
+def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs=None, *,
+                 store: Callable[[Any], Any] | None = None):
+  """init(key) → train state; params are resharded to their specs where they are born.
+  `store` (e.g. `weight_quant.Int8Weights.store`) maps the float params to the stored
+  ones after the optimizer's init."""
   def init(key):
     model = Llama(cfg, rngs=nnx.Rngs(params=key))
     params = pure_dict(nnx.state(model, nnx.Param))
     if param_specs is not None:
       params = jax.tree.map(jax.sharding.reshard, params, param_specs)
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
+    opt_state = tx.init(params)
+    if store is not None:
+      params = store(params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
   return init
 
 
@@ -146,16 +151,17 @@ def make_eval_step(graphdef):
   return eval_step
 
 
-def state_shardings(cfg: LlamaConfig, tx, mesh, rules=shd.RULES):
+def state_shardings(cfg: LlamaConfig, tx, mesh, rules=shd.RULES, *, store=None):
   """Abstract train state and its NamedShardings (MaxText order: abstract → specs → shardings).
 
   Parameter specs come from the logical names through `rules`; optimizer-state shardings
   are read off `jax.eval_shape` of `init` on the Explicit mesh, where every state leaf
-  that is a function of a parameter inherits that parameter's sharding.
+  that is a function of a parameter inherits that parameter's sharding. `store`: as in
+  `make_init_fn`.
   """
   _, abstract = abstract_model(cfg)
   specs = pure_dict(shd.param_specs(nnx.state(abstract, nnx.Param), rules, mesh))
-  init = make_init_fn(cfg, tx, specs)
+  init = make_init_fn(cfg, tx, specs, store=store)
   with shd.set_mesh(mesh):
     abstract_state = jax.eval_shape(init, jax.random.key(0))
 
