@@ -30,20 +30,30 @@ def _validate_adam(b1, b2, eps, weight_decay):
   _validate_nonnegative(weight_decay=weight_decay)
 
 
+def _validate_state_dtype(state_dtype):
+  if state_dtype not in (None, "int8"):
+    raise ValueError(
+        f"`state_dtype` must be None (the parameter's) or 'int8', got "
+        f"{state_dtype!r}")
+
+
 def _hf_adamw_in_subspace(
     learning_rate, rank, *, b1, b2, eps, weight_decay, weight_decay_mask,
-    **wrapper_kwargs,
+    state_dtype=None, **wrapper_kwargs,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW as galore-torch, APOLLO and Fira write it, Adam in the subspace.
 
   The uncorrected Adam direction runs inside ``lowrank_project`` (whose
   combine rule sees it on that scale); the bias correction, decoupled weight
-  decay and learning rate follow in the full space.
+  decay and learning rate follow in the full space. ``state_dtype="int8"``
+  stores the moments as ``galore``'s does.
   """
+  _validate_state_dtype(state_dtype)
+  inner = inner_lib.scale_by_adam_uncorrected(b1, b2, eps)
+  if state_dtype == "int8":
+    inner = quantize_lib.quantize_state(inner, bits=8, block_size=256)
   return optax.chain(
-      lowrank_project(
-          inner_lib.scale_by_adam_uncorrected(b1, b2, eps), rank,
-          **wrapper_kwargs),
+      lowrank_project(inner, rank, **wrapper_kwargs),
       inner_lib.scale_by_bias_correction(b1, b2),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -119,8 +129,8 @@ def galore(
     state_dtype: ``None`` keeps Adam's moments in the gradient's dtype;
       ``"int8"`` stores them block-wise quantized (blocks of 256, signed
       square-root map; ``quantize.quantize_state``), as 8-bit GaLore does with
-      bitsandbytes' 8-bit Adam (whose map differs). Needs
-      ``on_refresh="keep"``.
+      bitsandbytes' 8-bit Adam (whose map differs); ``reset`` and
+      ``rotate`` act on the dequantized moments.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -139,10 +149,7 @@ def galore(
     github.com/jiaweizzhao/GaLore.
   """
   _validate_adam(b1, b2, eps, weight_decay)
-  if state_dtype not in (None, "int8"):
-    raise ValueError(
-        f"`state_dtype` must be None (the parameter's) or 'int8', got "
-        f"{state_dtype!r}")
+  _validate_state_dtype(state_dtype)
   inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   if state_dtype == "int8":
     inner = quantize_lib.quantize_state(inner, bits=8, block_size=256)
@@ -1204,6 +1211,7 @@ def coap(
     mask: shapes.MaskOrFn = None,
     dimension_numbers: shapes.DimensionNumbersOrFn = None,
     stagger: bool = False,
+    state_dtype: Optional[str] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """COAP-AdamW: Adam in a subspace kept aligned with the first moment.
@@ -1255,6 +1263,10 @@ def coap(
       linear layers).
     dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
     stagger: Spread the leaves' basis updates over the interval.
+    state_dtype: ``None``, or ``"int8"`` for Adam's moments in int8 blocks of
+      256 (as ``galore``'s; the authors' ``CoapAdamW8bit``, their 7B setting,
+      uses bitsandbytes' map). The basis step reads the dequantized first
+      moment.
     seed: Seed of the first Gaussian blocks.
 
   Returns:
@@ -1278,5 +1290,6 @@ def coap(
       learning_rate, rank, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, update_proj_gap=update_proj_gap,
       scale=scale, projector=projector, mask=mask,
-      dimension_numbers=dimension_numbers, stagger=stagger, seed=seed,
+      dimension_numbers=dimension_numbers, stagger=stagger,
+      state_dtype=state_dtype, seed=seed,
   )

@@ -2,7 +2,9 @@
 
 The inner optimizer keeps one state over the whole tree of projected gradients,
 so a policy reaches one leaf's moments through ``optax.tree.map_params``: each
-parameter-shaped state leaf is matched to the parameter it belongs to.
+parameter-shaped state leaf is matched to the parameter it belongs to. A state
+stored quantized (``quantize.quantize_state``) is matched through its
+dequantized view, and a changed moment is quantized again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import optax
+
+from optax_lowrank import quantize
 
 ON_REFRESH = ("keep", "reset", "transfer", "rotate")
 # Field names optax uses for first moments (scale_by_adam, lion, trace, ...).
@@ -59,12 +63,13 @@ def first_moments(inner, inner_state, treedef) -> list[Optional[jax.Array]]:
   Raises:
     ValueError: If a parameter leaf has more than one.
   """
+  view = quantize.dequantize_tree(inner_state)
   marks = _param_index_per_state_leaf(
-      inner, inner_state, treedef,
+      inner, view, treedef,
       purpose="Projectors that read the first moment (coap)",
       instead="Use an inner optimizer like optax.scale_by_adam.")
   found: list[Optional[jax.Array]] = [None] * treedef.num_leaves
-  paths_leaves, _ = jax.tree.flatten_with_path(inner_state)
+  paths_leaves, _ = jax.tree.flatten_with_path(view)
   for (path, leaf), i in zip(paths_leaves, marks):
     if i < 0 or not _is_first_moment(path):
       continue
@@ -110,19 +115,41 @@ def apply_on_refresh(
   """
   if policy == "keep":
     return inner_state
-  marks = _param_index_per_state_leaf(inner, inner_state, treedef)
-  paths_leaves, state_def = jax.tree.flatten_with_path(inner_state)
+  view = quantize.dequantize_tree(inner_state)
+  marks = _param_index_per_state_leaf(inner, view, treedef)
+  paths = [path for path, _ in jax.tree.flatten_with_path(view)[0]]
+  stored, state_def = jax.tree.flatten(inner_state, is_leaf=_is_quantized)
   if policy == "reset":
-    fresh_leaves = jax.tree.leaves(fresh_state_fn())
+    fresh = jax.tree.leaves(quantize.dequantize_tree(fresh_state_fn()))
     new_leaves = [
         old if i < 0 or refreshed[i] is None
-        else jnp.where(refreshed[i], new, old)
-        for (_, old), new, i in zip(paths_leaves, fresh_leaves, marks)
+        else _replace_if(refreshed[i], old, lambda _, new=new: new, cheap=True)
+        for old, new, i in zip(stored, fresh, marks)
     ]
   else:
     new_leaves = [
         old if i < 0 or rotate[i] is None or not _is_first_moment(path)
-        else jax.lax.cond(refreshed[i], rotate[i], lambda x: x, old)
-        for (path, old), i in zip(paths_leaves, marks)
+        else _replace_if(refreshed[i], old, rotate[i])
+        for path, old, i in zip(paths, stored, marks)
     ]
   return state_def.unflatten(new_leaves)
+
+
+def _is_quantized(x) -> bool:
+  return isinstance(x, quantize.QuantizedArray)
+
+
+def _replace_if(flag, old, fn, *, cheap=False):
+  """``fn(old)`` where ``flag``, else ``old``.
+
+  ``fn`` runs under a ``lax.cond`` (on refresh steps only) unless ``cheap``;
+  a quantized leaf is dequantized for ``fn`` and quantized again.
+  """
+  if not _is_quantized(old):
+    if cheap:
+      return jnp.where(flag, fn(old), old)
+    return jax.lax.cond(flag, lambda x: fn(x).astype(x.dtype), lambda x: x,
+                        old)
+  return jax.lax.cond(
+      flag, lambda q: quantize.requantize(q, fn(quantize.dequantize(q))),
+      lambda q: q, old)

@@ -406,11 +406,10 @@ def quantize_state(
   scales, diverge. ``bits=4`` state is far worse (errors above 1 on the
   problems above) and is not advised.
 
-  .. warning::
-     ``lowrank_project(quantize_state(...), on_refresh=...)`` supports only
-     ``on_refresh="keep"`` (GaLore's and Q-GaLore's default): the other
-     policies reach moments leaf by leaf with ``optax.tree.map_params``,
-     which cannot see inside a ``QuantizedArray``.
+  Inside ``lowrank_project``, moment policies (``on_refresh="reset"``,
+  ``"rotate"``) and projectors that read the first moment (COAP) see the
+  dequantized moments; a moment they change is quantized again, on refresh
+  steps only (``moments``).
 
   Args:
     tx: Any optax transform, e.g. ``optax.scale_by_adam()``.

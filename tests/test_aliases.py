@@ -193,6 +193,7 @@ def test_blocks_needs_a_stacked_axis_and_names_the_leaf():
     (ol.coap, dict(reproject_factor=0), "reproject_factor"),
     (ol.coap, dict(update_proj_gap=0), "update_proj_gap"),
     (ol.coap, dict(b1=1.0), "b1"),
+    (ol.coap, dict(state_dtype="int4"), "state_dtype"),
 ])
 def test_bad_hyperparameters_name_the_parameter(factory, kwargs, match):
   with pytest.raises(ValueError, match=match):

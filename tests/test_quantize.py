@@ -473,12 +473,3 @@ def test_sharded_states_keep_their_types(mesh):
 def test_bad_arguments_raise_value_error_naming_them(call, match):
   with pytest.raises(ValueError, match=match):
     call()
-
-
-def test_moment_policies_other_than_keep_are_refused():
-  params = {"w": jnp.zeros((64, 128))}
-  tx = ol.lowrank_project(qz.quantize_state(optax.scale_by_adam(), min_size=64),
-                          rank=4, on_refresh="reset")
-  state = jax.eval_shape(tx.init, params)
-  with pytest.raises(ValueError, match="on_refresh='keep'"):
-    jax.eval_shape(tx.update, params, state, params)
