@@ -68,6 +68,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -108,6 +109,8 @@ GAP = 200
 # lazy gap (which doubles once a matrix's subspace looks stable, as it does
 # for fixed gradients after 5 refreshes) still divides the counter.
 LAZY_HEADROOM = 2**12
+# COAP's defaults: a basis update every 32 steps, every 5th a range find.
+COAP_GAP, COAP_FACTOR = 32, 5
 QUANT_SIZES = ("60m", "130m", "350m", "1b", "7b")
 QUANT_ROWS = ("adamw", "galore", "galore_8bit", "q_galore")
 
@@ -134,7 +137,9 @@ def optimizers(rank: int, *, dct_gap200: bool = True) -> dict:
 
   kind: ``none`` (no subspace), ``gap`` (refresh when ``count % gap == 0``),
   ``every`` (every step refreshes), ``first`` (refresh at step 0 only; the
-  basis moves on every later step).
+  basis moves on every later step), ``coap_find`` / ``coap_step`` (``gap``,
+  with COAP's own counter set so that the timed refresh is a range find or
+  a gradient step on the basis).
   """
   every = lambda p, _: contrib.GaLoreDimensionNumbers(0, 1)  # noqa: E731
   opts = {
@@ -172,6 +177,12 @@ def optimizers(rank: int, *, dct_gap200: bool = True) -> dict:
       "q_galore": (optax_lowrank.q_galore(1e-3, rank=rank), "gap", GAP,
                    "exact SVD, int4 basis, lazy refresh, int8 moments; "
                    "refresh timed with every matrix due"),
+      "coap[range find]": (
+          optax_lowrank.coap(1e-3, rank=rank), "coap_find", COAP_GAP,
+          "COAP's range finder (no power iteration), seeded by the basis"),
+      "coap[basis step]": (
+          optax_lowrank.coap(1e-3, rank=rank), "coap_step", COAP_GAP,
+          "COAP's gradient step on the basis (reads Adam's first moment)"),
       "optax.contrib.galore": (
           contrib.galore(learning_rate=1e-3, rank=rank,
                          weight_dimension_numbers=lambda params: (
@@ -182,8 +193,34 @@ def optimizers(rank: int, *, dct_gap200: bool = True) -> dict:
   return opts
 
 
+def set_coap_count(state, count: int):
+  """``state`` with every ``COAPBasis`` counter set to ``count`` (which
+  branch, range find or basis step, the next refresh takes)."""
+  is_coap = lambda x: isinstance(x, projectors.COAPBasis)  # noqa: E731
+  return jax.tree.map(
+      lambda b: (dataclasses.replace(b, count=jnp.asarray(count, jnp.int32))
+                 if is_coap(b) else b),
+      state, is_leaf=is_coap)
+
+
+def coap_mix(find: dict, step: dict) -> dict:
+  """COAP at its defaults from the two timed kinds of refresh: each refresh
+  is a range find every ``COAP_FACTOR``-th time, a basis step otherwise."""
+  steady = statistics.median([find["steady_ms"], step["steady_ms"]])
+  refresh = (find["refresh_ms"]
+             + (COAP_FACTOR - 1) * step["refresh_ms"]) / COAP_FACTOR
+  amortized = (refresh + (COAP_GAP - 1) * steady) / COAP_GAP
+  adamw = find["steady_ms"] / find["steady_ratio"]
+  return dict(kind="derived", gap=COAP_GAP, state_mib=find["state_mib"],
+              what=f"mean refresh: 1 range find per {COAP_FACTOR} updates",
+              steady_ms=steady, steady_ratio=steady / adamw,
+              refresh_ms=refresh, refresh_ratio=refresh / adamw,
+              amortized_ms=amortized, amortized_ratio=amortized / adamw,
+              refresh_minus_steady_ms=refresh - steady, compiled_variants=1)
+
+
 def time_layer(*, d_model, d_ff, rank, repeats, refresh_repeats, seed=0,
-               dct_gap200=True) -> dict:
+               dct_gap200=True, only=None) -> dict:
   shapes = layer_shapes(d_model, d_ff)
   key_p, key_g = jax.random.split(jax.random.key(seed))
   grads = jax.block_until_ready(step_time.random_tree(shapes, key_g, 1e-3))
@@ -192,6 +229,9 @@ def time_layer(*, d_model, d_ff, rank, repeats, refresh_repeats, seed=0,
         f"{n_params / 1e6:.1f}M parameters, rank {rank}; {repeats} steady "
         f"and {refresh_repeats} refresh samples", flush=True)
   opts = optimizers(rank, dct_gap200=dct_gap200)
+  if only:
+    opts = {k: v for k, v in opts.items()
+            if k == "optax.adamw" or any(k.startswith(o) for o in only)}
   runs = {}
   for name, (tx, kind, gap, _) in opts.items():
     t0 = time.perf_counter()
@@ -202,7 +242,7 @@ def time_layer(*, d_model, d_ff, rank, repeats, refresh_repeats, seed=0,
     step = step_time.make_step(tx)
     # One untimed steady step compiles the step (both branches of the
     # refresh cond) and warms it up.
-    if kind in ("gap", "first"):
+    if kind != "none" and kind != "every":
       state = step_time.set_refresh_count(state, (gap or GAP) + 1)
     params, state = jax.block_until_ready(step(params, state, grads))
     runs[name] = dict(step=step, params=params, state=state, steady=[],
@@ -232,6 +272,9 @@ def time_layer(*, d_model, d_ff, rank, repeats, refresh_repeats, seed=0,
         r["steady"].append(timed(r, g + 1 + i % (g - 1)))
         if i < refresh_repeats:
           count = 0 if kind == "first" else g * LAZY_HEADROOM * (i + 1)
+          if kind.startswith("coap"):
+            r["state"] = set_coap_count(
+                r["state"], COAP_FACTOR if kind == "coap_find" else 1)
           r["refresh"].append(timed(r, count))
     print(f"  round {i + 1}/{repeats} done "
           f"({time.perf_counter() - t_loop:.0f}s)", flush=True)
@@ -260,6 +303,9 @@ def time_layer(*, d_model, d_ff, rank, repeats, refresh_repeats, seed=0,
                  amortized_ms=amortized, amortized_ratio=amortized / adamw,
                  refresh_minus_steady_ms=refresh - steady)
     results[name] = row
+  if "coap[range find]" in results and "coap[basis step]" in results:
+    results["coap"] = coap_mix(results["coap[range find]"],
+                               results["coap[basis step]"])
   for r in runs.values():
     del r["params"], r["state"]
   return dict(d_model=d_model, d_ff=d_ff, rank=rank, n_params=n_params,
@@ -416,6 +462,9 @@ def main(argv=None):
                   help="timed refresh steps per optimizer (capped at "
                   "--repeats; on a busy 2-core CPU an exact-SVD refresh of "
                   "the 1B layer takes ~40 s, one round of refreshes ~5 min)")
+  ap.add_argument("--optimizers", nargs="*", default=None,
+                  help="time only the optimizers whose names start with "
+                  "these (optax.adamw, the baseline, always runs)")
   ap.add_argument("--no-dct-gap200", action="store_true",
                   help="skip the dct_adamw[gap=200] diagnostic row")
   ap.add_argument("--sizes", nargs="*", choices=QUANT_SIZES,
@@ -433,13 +482,14 @@ def main(argv=None):
   res = time_layer(d_model=args.d_model, d_ff=args.d_ff, rank=args.rank,
                    repeats=args.repeats,
                    refresh_repeats=min(args.repeats, args.refresh_repeats),
-                   dct_gap200=not args.no_dct_gap200)
+                   dct_gap200=not args.no_dct_gap200, only=args.optimizers)
   t_time = time.perf_counter() - t0
   print_time_table(res)
   sizes = [s for s in QUANT_SIZES if s in args.sizes]
-  print(f"\nQuantized state bytes ({', '.join(sizes)}):", flush=True)
   mem = quantized_memory(sizes)
-  print_memory_tables(mem, sizes)
+  if sizes:
+    print(f"\nQuantized state bytes ({', '.join(sizes)}):", flush=True)
+    print_memory_tables(mem, sizes)
 
   dev = step_time.device_name()
   out = args.out or os.path.join(HERE, "results", f"refresh_time_{dev}.json")
