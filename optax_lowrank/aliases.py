@@ -1145,8 +1145,8 @@ def q_galore(
   are int8 blocks of 256 (``quantize.quantize_state``, signed square-root
   map, where the code uses bitsandbytes' 8-bit Adam). Q-GaLore's int8
   weights with stochastic rounding are a training-program option, not part of
-  this optimizer (``quantize.quantize(..., stochastic=True)`` provides the
-  rounding).
+  this optimizer (``train.pretrain --weight-quant int8``, built on
+  ``quantize.quantize(..., stochastic=True)``).
 
   Args:
     learning_rate: A float or an optax schedule (the authors: 0.015 for
