@@ -111,11 +111,12 @@ def test_alias_is_direction_times_schedule_plus_decay():
       optax.scale_by_adam(eps=1e-6), rank=4, update_proj_gap=3, scale=0.25
   )
   sa, sd = alias.init(params), direction.init(params)
+  alias_update, direction_update = jax.jit(alias.update), jax.jit(direction.update)
   p = params
   for t in range(5):
     g = _grads(t, p)
-    u, sa = alias.update(g, sa, p)
-    d, sd = direction.update(g, sd, p)
+    u, sa = alias_update(g, sa, p)
+    d, sd = direction_update(g, sd, p)
     expected = jax.tree.map(lambda d, w: -sched(t) * (d + wd * w), d, p)
     _assert_trees_close(u, expected, rtol=1e-5)
     p = optax.apply_updates(p, u)
@@ -127,13 +128,14 @@ def test_multisteps_accumulates_before_projecting():
   multi = optax.MultiSteps(make(), every_k_schedule=2)
   single = make()
   sm, ss = multi.init(params), single.init(params)
+  multi_update, single_update = jax.jit(multi.update), jax.jit(single.update)
   for t in range(3):
     g1, g2 = _grads(2 * t, params), _grads(2 * t + 1, params)
-    u0, sm = multi.update(g1, sm, params)
+    u0, sm = multi_update(g1, sm, params)
     jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0.0), u0)
-    um, sm = multi.update(g2, sm, params)
+    um, sm = multi_update(g2, sm, params)
     mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
-    us, ss = single.update(mean, ss, params)
+    us, ss = single_update(mean, ss, params)
     _assert_trees_close(um, us, rtol=1e-5)
 
 
@@ -144,19 +146,21 @@ def test_inject_hyperparams_learning_rate_and_scale():
   )(learning_rate=0.1, rank=4, update_proj_gap=3, scale=0.25)
   plain = ol.galore(0.1, rank=4, update_proj_gap=3, scale=0.25)
   si, sp = injected.init(params), plain.init(params)
+  injected_update, plain_update = jax.jit(injected.update), jax.jit(plain.update)
   # optax.inject_hyperparams(optax.adamw) itself differs from optax.adamw by
   # ~7e-6 (float32 hyper-parameters), hence the tolerance.
   for t in range(3):
     g = _grads(t, params)
-    ui, si = injected.update(g, si, params)
-    up, sp = plain.update(g, sp, params)
+    ui, si = injected_update(g, si, params)
+    up, sp = plain_update(g, sp, params)
     _assert_trees_close(ui, up, rtol=2e-5)
-  # Changing lr and scale rescales projected leaves by lr·scale, others by lr.
+  # Changing lr and scale rescales projected leaves by lr·scale, others by lr (the
+  # hyper-parameters are traced state: the same compiled update reads the new values).
   si.hyperparams["learning_rate"] = jnp.asarray(0.05)
   si.hyperparams["scale"] = jnp.asarray(0.5)
   g = _grads(3, params)
-  ui, _ = injected.update(g, si, params)
-  up, _ = plain.update(g, sp, params)
+  ui, _ = injected_update(g, si, params)
+  up, _ = plain_update(g, sp, params)
   _assert_trees_close(ui["w"], up["w"], rtol=2e-5)  # 0.5·2 = 1
   _assert_trees_close(ui["b"], 0.5 * up["b"], rtol=2e-5)
 
