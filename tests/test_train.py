@@ -54,19 +54,32 @@ def _record_grads():
       lambda p: jax.tree.map(jnp.zeros_like, p), lambda g, s, p=None: (g, g))
 
 
-def test_sharded_step_on_8_devices_equals_one_device():
+def test_galore_scanned_step_on_8_devices_equals_one_device():
+  """One train step of GaLore (its gradients recorded first) on stacked layers, sharded
+  fsdp×tensor, equals the same step on one device: loss, gradients, weights. GaLore's
+  unprojected leaves (embedding, norms, LM head) take plain Adam steps with moments
+  sharded like the parameters, so this also covers the sharded AdamW step."""
+  import optax_lowrank
   assert jax.device_count() == 8, "conftest must simulate 8 CPU devices"
-  tx = optax.chain(_record_grads(), optax.adamw(1e-2, eps=1e-4))
-  batch = _batch(8)
+  abstract = pure_dict(nnx.state(steps.abstract_model(CFG)[1], nnx.Param))
+  mask, dims = lowrank_spec(abstract, CFG)
+  tx = optax.chain(_record_grads(), optax_lowrank.galore(
+      1e-2, rank=0.25, update_proj_gap=5, eps=1e-4, mask=mask, dimension_numbers=dims))
+  batch = _batch(8, seed=3)
   one = shd.make_mesh({}, devices=jax.devices()[:1])
   params, single, m1, _ = _run_step(CFG, tx, one, batch)
   mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
   _, sharded, m8, live = _run_step(CFG, tx, mesh, batch, params=params)
-  # the 8-device state really is sharded along both mesh axes
+  # the 8-device state really is sharded along both mesh axes: weights and moments
   q = live["params"]["layers"]["attn"]["q"]["kernel"]
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   assert q.addressable_shards[0].data.shape == (CFG.num_layers, CFG.d_model // 4,
                                                 CFG.d_model // 2)
+  lowrank = live["opt_state"][1][0]
+  mu = lowrank.inner_state.mu["layers"]["attn"]["q"]["kernel"]
+  assert "fsdp" in tuple(mu.sharding.spec) or "tensor" in tuple(mu.sharding.spec)
+  head_mu = lowrank.inner_state.mu["lm_head"]["kernel"]  # Adam's, parameter-shaped
+  assert head_mu.sharding.spec == live["params"]["lm_head"]["kernel"].sharding.spec
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                sharded["opt_state"][0], single["opt_state"][0])  # the gradients
@@ -75,31 +88,11 @@ def test_sharded_step_on_8_devices_equals_one_device():
   # a sharding mistake would show up at the size of the update itself, lr = 1e-2.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                sharded["params"], single["params"])
-  # the step moved every weight by about lr, so the equality is not vacuous
+  # the step moved every weight, so the equality is not vacuous: by about lr where Adam
+  # steps, and GaLore's projected kernels by a visible amount
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), single["params"], params)
-  assert min(jax.tree.leaves(moved)) > 1e-3
-
-
-def test_galore_scanned_step_on_8_devices_equals_one_device():
-  """GaLore on stacked layers, sharded fsdp×tensor: same step as on one device."""
-  import optax_lowrank
-  abstract = pure_dict(nnx.state(steps.abstract_model(CFG)[1], nnx.Param))
-  mask, dims = lowrank_spec(abstract, CFG)
-  tx = optax_lowrank.galore(1e-2, rank=0.25, update_proj_gap=5, eps=1e-4, mask=mask,
-                            dimension_numbers=dims)
-  batch = _batch(8, seed=3)
-  one = shd.make_mesh({}, devices=jax.devices()[:1])
-  params, single, m1, _ = _run_step(CFG, tx, one, batch)
-  mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
-  _, sharded, m8, live = _run_step(CFG, tx, mesh, batch, params=params)
-  mu = live["opt_state"][0].inner_state.mu["layers"]["attn"]["q"]["kernel"]
-  assert "fsdp" in tuple(mu.sharding.spec) or "tensor" in tuple(mu.sharding.spec)
-  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
-  # As above: Adam's first step turns float32 noise into at most ~lr·scale/eps·1e-8.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               sharded["params"], single["params"])
-  q = lambda p: p["layers"]["attn"]["q"]["kernel"]
-  assert np.abs(q(single["params"]) - q(params)).max() > 1e-4  # the step moved it
+  for m, projected in zip(jax.tree.leaves(moved), jax.tree.leaves(mask), strict=True):
+    assert m > (1e-4 if projected else 1e-3), (m, projected)
 
 
 def test_micro_batch_accumulation_equals_one_big_batch():
@@ -212,14 +205,19 @@ def _sigterm_after(metrics, lines):
 
 
 def test_checkpoint_resume_is_bit_exact(tmp_path, compilation_cache):
+  """GaLore's train state (SVD bases, the moments of projected and of plain-Adam leaves,
+  step) round-trips through the trainer's checkpoints: interrupted by SIGTERM, stopped
+  by --stop-at, resumed twice, it logs exactly the uninterrupted run's losses, with an
+  SVD refresh after each resume (at step 20, then 30; every 10 steps)."""
   from train.checkpoint import Checkpointer
-  run = ("--steps", "40", "--eval-every", "10")
+  run = ("--optimizer", "galore", "--rank", "0.25", "--update-proj-gap", "10",
+         "--steps", "40", "--eval-every", "10")
   straight, out_a = _train(tmp_path, "straight", *run)
   ckpt = str(tmp_path / "ckpt")
   # 1) SIGTERM mid-run: a checkpoint at the step where it stopped
   _sigterm_after(tmp_path / "resumed" / "metrics.jsonl", 2)
   first, out_b = _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt)
-  assert first["interrupted"] and 2 <= first["step"] < 25, first
+  assert first["interrupted"] and 2 <= first["step"] <= 20, first
   assert Checkpointer(ckpt).latest_step() == first["step"]
   # 2) resume, stop again at a fixed step; 3) resume to the end
   second, _ = _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt, "--stop-at", "25")
@@ -232,18 +230,6 @@ def test_checkpoint_resume_is_bit_exact(tmp_path, compilation_cache):
   assert val_b == val_a
   assert third["val_loss"] == straight["val_loss"]
   assert train_a[-1][1] < train_a[0][1]  # and it trained
-
-
-def test_galore_resume_is_bit_exact(tmp_path, compilation_cache):
-  """GaLore's state (bases, masked leaves, moments) round-trips through the trainer."""
-  run = ("--optimizer", "galore", "--rank", "0.25", "--update-proj-gap", "4",
-         "--steps", "12", "--eval-every", "6")
-  straight, out_a = _train(tmp_path, "straight", *run)
-  ckpt = str(tmp_path / "ckpt")
-  first, out_b = _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt, "--stop-at", "6")
-  assert first["interrupted"] and first["step"] == 6
-  _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt)
-  assert _losses(out_b) == _losses(out_a)  # exact, across two refreshes after resume
 
 
 def test_end_to_end_outputs_and_baseline(tmp_path, capsys):
