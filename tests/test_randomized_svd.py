@@ -8,7 +8,6 @@ Gaussian draws. On 8 simulated devices the compiled update must not move a whole
 gradient matrix between devices, which the exact SVD projector does.
 """
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import optax_lowrank as ol
 from optax_lowrank.projectors.randomized_svd import SHIFT, randomized_svd
 from optax_lowrank.projectors.svd import LeftBasis, RightBasis, svd
+from tests import hlo
 
 RANK = 8
 EPS32 = 2.0 ** -24
@@ -255,28 +255,6 @@ DIMS = {"rows": ol.DimensionNumbers(1, 2), "cols": None,
 SPECS = {"rows": P("b", "a", None),   # stacked right basis, sharded along layers and n
          "cols": P(None, "a"),        # left basis, sharded along m (the projected side)
          "both": P(None, "a", "b")}   # stacked right basis, sharded along n and m
-COLLECTIVE = re.compile(
-    r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|all-to-all|reduce-scatter|"
-    r"collective-permute)(?:-start)?\(")
-
-
-def _collectives(hlo):
-  """``(op, shape)`` for every array a collective returns in compiled HLO text."""
-  out = []
-  for line in hlo.splitlines():
-    match = COLLECTIVE.search(line)
-    if match:
-      for dims in re.findall(r"[a-z]+[0-9]*\[([0-9,]*)\]", match.group(1)):
-        out.append((match.group(2), tuple(int(d) for d in dims.split(",") if d)))
-  return out
-
-
-def _whole_matrices(collectives, shapes_):
-  """Collectives whose result holds as many numbers as a whole gradient matrix."""
-  smallest = min(s[-1] * s[-2] for s in shapes_.values())
-  return [(op, s) for op, s in collectives if np.prod(s, dtype=int) >= smallest]
-
-
 def test_sharded_updates_match_and_gather_nothing(mesh):
   tx = ol.galore(1e-3, rank=RANK, update_proj_gap=2, dimension_numbers=DIMS,
                  weight_decay=0.01, projector=randomized_svd())
@@ -304,12 +282,12 @@ def test_sharded_updates_match_and_gather_nothing(mesh):
         got, ref = np.asarray(u[k]), np.asarray(want[k])
         assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref), k
 
-  collectives = _collectives(compiled.as_text())
+  collectives = hlo.collectives(compiled.as_text())
   assert any(op == "all-reduce" for op, _ in collectives)  # the parser sees them
   full = {s[-2:] for s in SHAPES.values()} | {s[-2:][::-1] for s in SHAPES.values()}
   gathers = [s for op, s in collectives if op == "all-gather"]
   assert not [s for s in gathers if s[-2:] in full], gathers
-  assert not _whole_matrices(collectives, SHAPES), collectives
+  assert not hlo.whole_matrices(collectives, SHAPES), collectives
 
 
 def test_exact_svd_gathers_the_whole_matrix(mesh):
@@ -321,11 +299,11 @@ def test_exact_svd_gathers_the_whole_matrix(mesh):
     sp = {k: jax.device_put(jnp.ones(s), NamedSharding(mesh, SPECS[k]))
           for k, s in shapes_.items()}
     state = jax.jit(tx.init)(sp)
-    hlo = jax.jit(tx.update).lower(sp, state, sp).compile().as_text()
-  collectives = _collectives(hlo)
+    text = jax.jit(tx.update).lower(sp, state, sp).compile().as_text()
+  collectives = hlo.collectives(text)
   for shape in shapes_.values():
     assert ("all-gather", shape) in collectives, collectives
-  assert _whole_matrices(collectives, shapes_)
+  assert hlo.whole_matrices(collectives, shapes_)
 
 
 # -------------------------------------------------------------------------------- errors
