@@ -14,6 +14,10 @@ stack of its matrices (batch axes are handled inside the branch by batched
 linear algebra, never by a ``vmap`` around the ``cond``), so the subspace
 computation runs on refresh steps only.
 
+A projector that declares ``reads_first_moment`` (COAP) gets the leaf's first
+moment from the inner state (``moments.first_moments``) as an extra operand
+of its refresh; the core knows nothing else about the method.
+
 Gradient accumulation in the subspace (``accumulation.MultiSteps``) splits an
 update in two phases, asked for through the extra argument
 ``ACCUMULATION_ARG``: ``project`` (refresh if due, on the first micro-batch
