@@ -13,7 +13,8 @@ from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 from optax_lowrank.projectors.online_pca import reconstruction_error
 from optax_lowrank.projectors.randomized_svd import randomized_subspace
-from optax_lowrank.projectors.svd import LeftBasis, RightBasis, svd
+from optax_lowrank.projectors.svd import (
+    RightBasis, one_sided_like, one_sided_matrix, svd)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 # torch.nn.functional.cosine_similarity's default ``eps``: each vector's norm
@@ -38,14 +39,6 @@ class COAPBasis:
 
   basis: Any
   count: jax.Array
-
-
-def _matrix(basis) -> jax.Array:
-  return basis.vh if isinstance(basis, RightBasis) else basis.u
-
-
-def _wrap(like, x):
-  return RightBasis(x) if isinstance(like, RightBasis) else LeftBasis(x)
 
 
 def _one_minus_mean_cosine(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -204,7 +197,7 @@ def coap(
     # matrices of CholeskyQR finite.
     a = a / jnp.maximum(jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True),
                         jnp.finfo(jnp.float32).tiny)
-    previous = _matrix(basis).astype(jnp.float32)
+    previous = one_sided_matrix(basis).astype(jnp.float32)
     if right:
       previous = jnp.swapaxes(previous, -1, -2)  # Vhᵀ, (n, r)
     spec = shapes.explicit_spec(previous)
@@ -222,17 +215,17 @@ def coap(
     vectors = jnp.where(agree < 0, -vectors, vectors)
     if right:
       vectors = jnp.swapaxes(vectors, -1, -2)
-    return _wrap(basis, vectors)
+    return one_sided_like(basis, vectors)
 
   def correct(g, state, key, moment):
     del key
     basis = state.basis
     side = "right" if isinstance(basis, RightBasis) else "left"
-    p = _matrix(basis).astype(jnp.float32)
+    p = one_sided_matrix(basis).astype(jnp.float32)
     _, grad = correction_loss_and_grad(p, moment, g, side)
     norm = jnp.sqrt(jnp.sum(jnp.square(grad), axis=(-2, -1), keepdims=True))
     clip = jnp.minimum(1.0, max_grad_norm / (norm + CLIP_EPS))
-    return _wrap(basis, p - learning_rate * clip * grad)
+    return one_sided_like(basis, p - learning_rate * clip * grad)
 
   def refresh(g, state, key, step, first_moment):
     del step

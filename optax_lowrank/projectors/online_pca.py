@@ -13,7 +13,8 @@ from optax_lowrank import shapes
 from optax_lowrank.inner import adam as adam_lib
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
-from optax_lowrank.projectors.svd import LeftBasis, RightBasis, svd
+from optax_lowrank.projectors.svd import (
+    RightBasis, one_sided_like, one_sided_matrix, svd)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -36,14 +37,6 @@ class OnlinePCABasis:
   mu: jax.Array
   nu: jax.Array
   count: jax.Array
-
-
-def _matrix(basis) -> jax.Array:
-  return basis.vh if isinstance(basis, RightBasis) else basis.u
-
-
-def _wrap(like, x):
-  return RightBasis(x) if isinstance(like, RightBasis) else LeftBasis(x)
 
 
 def reconstruction_error(
@@ -141,7 +134,7 @@ def online_pca(
 
   def init(info, dtype):
     basis = exact.init(info, jnp.float32)
-    m = _matrix(basis)
+    m = one_sided_matrix(basis)
     # Separate arrays (not one array twice), so the state can be donated.
     return OnlinePCABasis(basis, jax.tree.map(jnp.copy, basis),
                           jnp.zeros_like(m), jnp.zeros_like(m),
@@ -155,7 +148,7 @@ def online_pca(
   def descend(g, state, key, step):
     del key
     basis = state.next
-    p = _matrix(basis)
+    p = one_sided_matrix(basis)
     side = "right" if isinstance(basis, RightBasis) else "left"
     # The online-PCA loss ``‖Ĝ PᵀP − Ĝ‖²`` of the normalized gradient.
     norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=(-2, -1), keepdims=True))
@@ -168,8 +161,8 @@ def online_pca(
     decayed = p * (1.0 - lr * weight_decay)
     denom = jnp.sqrt(nu) / jnp.sqrt(adam_lib.bias_correction(b2, count)) + eps
     new = decayed - lr / adam_lib.bias_correction(b1, count) * mu / denom
-    return OnlinePCABasis(basis, _wrap(basis, new.astype(p.dtype)), mu, nu,
-                          count)
+    return OnlinePCABasis(basis, one_sided_like(basis, new.astype(p.dtype)),
+                          mu, nu, count)
 
   def refresh(g, state, key, step):
     def keep_sharding(branch):

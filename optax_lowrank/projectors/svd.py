@@ -27,6 +27,16 @@ class LeftBasis(NamedTuple):
   u: jax.Array
 
 
+def one_sided_matrix(basis) -> jax.Array:
+  """The matrix of a ``RightBasis`` (``vh``) or ``LeftBasis`` (``u``)."""
+  return basis.vh if isinstance(basis, RightBasis) else basis.u
+
+
+def one_sided_like(like, matrix: jax.Array):
+  """``matrix`` as a basis of ``like``'s side (``RightBasis`` or ``LeftBasis``)."""
+  return RightBasis(matrix) if isinstance(like, RightBasis) else LeftBasis(matrix)
+
+
 class TwoSidedBasis(NamedTuple):
   """Both sides, for ``proj_type="full"``."""
 
