@@ -35,6 +35,7 @@ import pytest
 import optax_lowrank
 from optax_lowrank import DimensionNumbers
 from optax_lowrank.projectors.random import KeyBasis
+from tests.gradients import drifting_low_rank
 from tests.reference import apollo as ref_apollo
 from tests.reference import fira as ref_fira
 
@@ -66,24 +67,9 @@ def make_grads(name, steps=STEPS, seed=0):
   makes the norm-growth limiter bind on some steps and not on others.
   """
   shapes = {"flat": SHAPES, "stacked": STACKED}[name]
-  rs = np.random.RandomState(seed)
-  s = 8.0 * 0.7 ** np.arange(8)
-  fac = {k: (rs.randn(2, *shape) if len(shape) == 1 else
-             [rs.randn(2, *shape[:-2], d, 8) for d in shape[-2:]])
-         for k, shape in shapes.items()}
-  seq = []
-  for t in range(steps):
-    c, sn, amp = np.cos(0.05 * t), np.sin(0.05 * t), 1.0 + 0.5 * np.sin(0.4 * t)
-    g = {}
-    for k, shape in shapes.items():
-      if len(shape) == 1:
-        x = c * fac[k][0] + sn * fac[k][1] + 0.1 * rs.randn(*shape)
-      else:
-        qx, qy = (np.linalg.qr(c * f[0] + sn * f[1])[0] for f in fac[k])
-        x = (qx * s) @ np.swapaxes(qy, -1, -2) + 0.02 * rs.randn(*shape)
-      g[k] = jnp.asarray(amp * x, jnp.float32)
-    seq.append(g)
-  return seq
+  return drifting_low_rank(shapes, steps, seed=seed, top=8.0, decay=0.7, rank=8,
+                           rate=0.05, noise=0.02,
+                           amplitude=lambda t: 1.0 + 0.5 * np.sin(0.4 * t))
 
 
 # ----------------------------------------------------------------------------- driver

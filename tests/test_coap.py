@@ -30,6 +30,7 @@ import optax_lowrank as ol
 from optax_lowrank import DimensionNumbers, projectors, schedules
 from optax_lowrank.projectors.coap import correction_loss_and_grad
 from tests import hlo
+from tests.gradients import drifting_low_rank
 from tests.reference import coap as ref
 
 STEPS, GAP, FACTOR, RANK, LR, WD, TOL = 24, 2, 3, 3, 1e-2, 0.1, 1e-5
@@ -52,24 +53,8 @@ def make_grads(stacked, steps=STEPS, seed=0, shapes=None):
   and the drift and noise give the correction step something to follow.
   """
   shapes = dict(shapes) if shapes else STACKED if stacked else SHAPES
-  rs = np.random.RandomState(seed)
-  s = 4.0 * 0.6 ** np.arange(6)
-  fac = {k: (rs.randn(2, *shape) if len(shape) == 1 else
-             [rs.randn(2, *shape[:-2], d, 6) for d in shape[-2:]])
-         for k, shape in shapes.items()}
-  seq = []
-  for t in range(steps):
-    c, sn = np.cos(0.1 * t), np.sin(0.1 * t)
-    g = {}
-    for k, shape in shapes.items():
-      if len(shape) == 1:
-        x = c * fac[k][0] + sn * fac[k][1] + 0.1 * rs.randn(*shape)
-      else:
-        qx, qy = (np.linalg.qr(c * f[0] + sn * f[1])[0] for f in fac[k])
-        x = (qx * s) @ np.swapaxes(qy, -1, -2) + 0.05 * rs.randn(*shape)
-      g[k] = jnp.asarray(x, jnp.float32)
-    seq.append(g)
-  return seq
+  return drifting_low_rank(shapes, steps, seed=seed, top=4.0, decay=0.6, rank=6,
+                           rate=0.1, noise=0.05)
 
 
 def first_omegas(shapes, seed=0):
