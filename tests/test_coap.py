@@ -29,7 +29,7 @@ import pytest
 import optax_lowrank as ol
 from optax_lowrank import DimensionNumbers, projectors, schedules
 from optax_lowrank.projectors.coap import correction_loss_and_grad
-from tests import hlo
+from tests import hlo, sharded
 from tests.gradients import drifting_low_rank
 from tests.reference import coap as ref
 
@@ -207,7 +207,7 @@ def test_first_basis_is_the_range_finder_of_the_drawn_block():
 def test_sharded_matches_unsharded_and_gathers_nothing(mesh):
   """Gradients sharded along either matrix axis: same updates and state types, and
   the compiled step moves no whole matrix between devices."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import PartitionSpec as P
   # Layout (L, n, m): "w" has a right basis and n sharded, "v" a left basis and m
   # sharded (the projected sides), "x" a right basis and both axes sharded.
   shapes = {"w": (2, 16, 40), "v": (2, 40, 16), "x": (48, 32), "bias": (16,)}
@@ -219,26 +219,7 @@ def test_sharded_matches_unsharded_and_gathers_nothing(mesh):
                dimension_numbers={**STACKED_DN, "x": None})
   grads = make_grads(True, steps=5, shapes=tuple(shapes.items()))
   params = jax.tree.map(jnp.zeros_like, grads[0])
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  expected = []
-  for g in grads:
-    u, state = update(g, state, params)
-    expected.append(u)
-  with jax.set_mesh(mesh):
-    put = lambda t: {k: jax.device_put(x, NamedSharding(mesh, specs[k]))
-                     for k, x in t.items()}
-    sp = put(params)
-    state = jax.jit(tx.init)(sp)
-    types = jax.tree.map(jax.typeof, state)
-    compiled = jax.jit(tx.update).lower(put(grads[0]), state, sp).compile()
-    for g, want in zip(grads, expected):
-      u, state = compiled(put(g), state, sp)
-      assert jax.tree.map(jax.typeof, state) == types
-      for k in specs:
-        assert jax.typeof(u[k]).sharding.spec == jax.typeof(sp[k]).sharding.spec
-        got, ref_u = np.asarray(u[k]), np.asarray(want[k])
-        assert np.linalg.norm(got - ref_u) <= 1e-4 * np.linalg.norm(ref_u), k
+  _, compiled = sharded.assert_sharded_matches(tx, params, grads, mesh, specs, rtol=1e-4)
   # Range finds and corrections run where the gradient lies: no matrix is gathered.
   found = hlo.collectives(compiled.as_text())
   assert any(op == "all-reduce" for op, _ in found)  # the parser sees them
