@@ -38,6 +38,7 @@ import optax
 from optax_lowrank import combine as combine_lib
 from optax_lowrank import moments
 from optax_lowrank import projectors
+from optax_lowrank import quantize
 from optax_lowrank import schedules
 from optax_lowrank import shapes
 from optax_lowrank.projectors import Projector, svd
@@ -296,6 +297,7 @@ def lowrank_project(
     )
 
   def refresh_leaf(g, basis, key, step, *first_moment):
+    first_moment = [quantize.dequantize_tree(m) for m in first_moment]
     new = projector.refresh(g.astype(jnp.float32), basis, key, step,
                             *first_moment)
     finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))

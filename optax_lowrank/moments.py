@@ -54,11 +54,13 @@ def _is_first_moment(path) -> bool:
   )
 
 
-def first_moments(inner, inner_state, treedef) -> list[Optional[jax.Array]]:
+def first_moments(inner, inner_state, treedef) -> list[Optional[Any]]:
   """Each parameter leaf's first moment in ``inner_state``, or ``None``.
 
   A first moment is a parameter-shaped state leaf under a field named in
-  ``FIRST_MOMENT_FIELDS``.
+  ``FIRST_MOMENT_FIELDS``. It is returned as stored, a ``QuantizedArray`` for
+  a quantized state (``quantize.dequantize_tree`` it where it is used, so
+  that it is dequantized on refresh steps only).
 
   Raises:
     ValueError: If a parameter leaf has more than one.
@@ -68,9 +70,10 @@ def first_moments(inner, inner_state, treedef) -> list[Optional[jax.Array]]:
       inner, view, treedef,
       purpose="Projectors that read the first moment (coap)",
       instead="Use an inner optimizer like optax.scale_by_adam.")
-  found: list[Optional[jax.Array]] = [None] * treedef.num_leaves
-  paths_leaves, _ = jax.tree.flatten_with_path(view)
-  for (path, leaf), i in zip(paths_leaves, marks):
+  found: list[Optional[Any]] = [None] * treedef.num_leaves
+  paths = [path for path, _ in jax.tree.flatten_with_path(view)[0]]
+  stored = jax.tree.leaves(inner_state, is_leaf=_is_quantized)
+  for path, leaf, i in zip(paths, stored, marks):
     if i < 0 or not _is_first_moment(path):
       continue
     if found[i] is not None:
