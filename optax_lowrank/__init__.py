@@ -5,6 +5,7 @@ from optax_lowrank import blockwise
 from optax_lowrank import combine
 from optax_lowrank import inner
 from optax_lowrank import memory
+from optax_lowrank import moments
 from optax_lowrank import projectors
 from optax_lowrank import quantize
 from optax_lowrank import schedules
@@ -26,9 +27,10 @@ from optax_lowrank.aliases import (
     vlorp,
 )
 from optax_lowrank.core import LeafBasis, LowRankState, lowrank_project
-from optax_lowrank.projectors import Projector
+from optax_lowrank.moments import RefreshPolicy
+from optax_lowrank.projectors import Projector, RefreshContext
 from optax_lowrank.registry import optimizers
-from optax_lowrank.shapes import DimensionNumbers
+from optax_lowrank.shapes import DimensionNumbers, match_paths
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,8 @@ __all__ = [
     "LowRankState",
     "MultiSteps",
     "Projector",
+    "RefreshContext",
+    "RefreshPolicy",
     "accumulation",
     "adarankgrad",
     "apollo",
@@ -54,7 +58,9 @@ __all__ = [
     "grass",
     "inner",
     "lowrank_project",
+    "match_paths",
     "memory",
+    "moments",
     "optimizers",
     "osd",
     "projectors",

@@ -53,11 +53,19 @@ def _hf_adamw_in_subspace(
   if state_dtype == "int8":
     inner = quantize_lib.quantize_state(inner, bits=8, block_size=256)
   return optax.chain(
-      lowrank_project(inner, rank, **wrapper_kwargs),
+      lowrank_project(inner, rank, **_projection_kwargs(wrapper_kwargs)),
       inner_lib.scale_by_bias_correction(b1, b2),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _projection_kwargs(kwargs: dict) -> dict:
+  """The aliases' ``mask`` is ``lowrank_project``'s ``projection_mask``."""
+  kwargs = dict(kwargs)
+  if "mask" in kwargs:
+    kwargs["projection_mask"] = kwargs.pop("mask")
+  return kwargs
 
 
 def _projector(projector, names: dict) -> Projector:
@@ -159,9 +167,9 @@ def galore(
           rank,
           update_proj_gap=update_proj_gap,
           scale=scale,
-          proj_type=proj_type,
+          proj_type=None if isinstance(projector, Projector) else proj_type,
           projector=projector,
-          mask=mask,
+          projection_mask=mask,
           dimension_numbers=dimension_numbers,
           on_refresh=on_refresh,
           stagger=stagger,
@@ -525,7 +533,7 @@ def frugal(
           combine=combine_lib.frugal_sign(
               state_free_lr_scale, rule=state_free_rule),
           on_refresh="reset" if reset else "keep",
-          mask=mask,
+          projection_mask=mask,
           dimension_numbers=dimension_numbers,
           seed=seed,
       ),
@@ -636,8 +644,8 @@ def flora(
           update_proj_gap=kappa,
           projector=projectors_lib.random("smaller"),
           combine=combine_lib.add_residual(1.0 - b1),
-          on_refresh="transfer",
-          mask=compressed,
+          on_refresh="rotate",
+          projection_mask=compressed,
           dimension_numbers=dimension_numbers,
           seed=seed,
       ),
@@ -748,7 +756,7 @@ def vlorp(
       lowrank_project(
           optax.ema(b1, debias=True), rank,
           update_proj_gap=update_proj_gap, scale=scale, projector=projector,
-          granularity=granularity, mask=mask,
+          granularity=granularity, projection_mask=mask,
           dimension_numbers=dimension_numbers, on_refresh="keep",
           stagger=stagger, combine=combine_lib.projfactor(b2, eps),
           unprojected=inner_lib.scale_by_adam_leafwise(b1, b2, eps), seed=seed,
@@ -898,7 +906,7 @@ def dct_adamw(
       lowrank_project(
           inner_lib.scale_by_adam_leafwise(b1, b2, eps), rank,
           update_proj_gap=update_proj_gap, projector=projectors_lib.dct(norm=norm),
-          on_refresh=on_refresh, mask=mask, dimension_numbers=dimension_numbers,
+          on_refresh=on_refresh, projection_mask=mask, dimension_numbers=dimension_numbers,
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -970,7 +978,7 @@ def grass(
           inner_lib.scale_by_adam_leafwise(b1, b2, eps), rank,
           update_proj_gap=update_proj_gap, scale=scale,
           projector=projectors_lib.grass(proj_type, selection=selection),
-          on_refresh="reset", mask=mask, dimension_numbers=dimension_numbers,
+          on_refresh="reset", projection_mask=mask, dimension_numbers=dimension_numbers,
           seed=seed,
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
@@ -1044,7 +1052,7 @@ def adarankgrad(
       lowrank_project(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank,
           update_proj_gap=update_proj_gap, scale=scale, projector=projector,
-          on_refresh="rotate", mask=mask, dimension_numbers=dimension_numbers,
+          on_refresh="rotate", projection_mask=mask, dimension_numbers=dimension_numbers,
           seed=seed,
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),

@@ -1,22 +1,36 @@
 """``lowrank_project``: run any optax transform in a low-rank gradient subspace.
 
-Design: one ``inner`` state over the whole tree. The inner transform sees a
-tree shaped like the parameters in which every projected leaf is replaced by
-its projected gradient ``R``. This keeps tree-global inner transforms
-meaningful (``clip_by_global_norm`` clips the norm of everything the inner
-optimizer sees; one shared step count drives bias correction) and makes
-``lowrank_project(inner)`` with nothing projected exactly ``inner``. Per-leaf
-refresh policies (``reset``, ``rotate``) reach one leaf's moments with
-``optax.tree.map_params``; leaves may refresh at different steps (``stagger``).
+The pipeline, per projected leaf (see ``lowrank_project``)::
+
+  G ─ matricize ─ refresh? (projector, one lax.cond) ─ down ─▶ R
+  R ─ inner optimizer (one state over the whole tree) ─▶ N
+  (G, R, N, basis) ─ combine rule ─ unmatricize ─▶ update
+
+It is written as small pure functions of one leaf (``_project_leaf``,
+``_combine_leaf``) mapped over the leaves, with an opaque per-leaf result
+(``_Projected``), and one call of the inner optimizer on the tree in between.
+The inner optimizer sees a tree shaped like the parameters in which every
+projected leaf is replaced by its projected gradient ``R``. This keeps
+tree-global inner transforms meaningful (``clip_by_global_norm`` clips the
+norm of everything the inner optimizer sees; one shared step count drives bias
+correction) and makes ``lowrank_project(inner)`` with nothing projected exactly
+``inner``.
+
+Methods plug in without edits here: a ``Projector`` (how the subspace is found
+and used; its ``refresh`` receives a ``RefreshContext`` with the step, a key
+shared by the leaf's group, the leaf's parameters and, when it asks, the inner
+first moment), a ``moments.RefreshPolicy`` (what a refresh does to the inner
+moments) and a ``combine.CombineRule`` (how the update is built).
 
 Each projected leaf decides its refresh with one ``lax.cond`` over the whole
 stack of its matrices (batch axes are handled inside the branch by batched
 linear algebra, never by a ``vmap`` around the ``cond``), so the subspace
 computation runs on refresh steps only.
 
-A projector that declares ``reads_first_moment`` (COAP) gets the leaf's first
-moment from the inner state (``moments.first_moments``) as an extra operand
-of its refresh; the core knows nothing else about the method.
+State holds arrays only, keyed by each projected leaf's path (``path_name``),
+so that it does not depend on the parameters' container types (Flax NNX wraps
+every parameter in a ``Variable``; a per-leaf basis inside one is not an
+array) nor on a device mesh.
 
 Gradient accumulation in the subspace (``accumulation.MultiSteps``) splits an
 update in two phases, asked for through the extra argument
@@ -29,6 +43,8 @@ accumulated projected gradients); the projected gradients travel in
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -41,7 +57,7 @@ from optax_lowrank import projectors
 from optax_lowrank import quantize
 from optax_lowrank import schedules
 from optax_lowrank import shapes
-from optax_lowrank.projectors import Projector, svd
+from optax_lowrank.projectors import Projector, RefreshContext, svd
 
 
 @jax.tree_util.register_dataclass
@@ -65,20 +81,20 @@ class LowRankState(NamedTuple):
 
   Attributes:
     count: Number of updates taken (int32, saturating).
-    bases: A tree like the parameters: ``LeafBasis`` for projected leaves,
-      ``optax.MaskedNode`` for the others.
-    combine_states: A tree like the parameters: the combine rule's state of
-      each projected leaf (empty for stateless rules), ``optax.MaskedNode``
-      for the others.
+    bases: ``{path: LeafBasis}`` for the projected leaves, keyed by
+      ``shapes.path_name`` of the leaf's key path (``"layers/mlp/up/kernel"``).
+    combine_states: ``{path: state}``: the combine rule's state of each
+      projected leaf (empty for stateless rules).
     inner_state: The inner transform's state over the projected tree.
     projected: ``()``, except while ``MultiSteps`` accumulates gradients in
       the subspace: then it carries projected gradients between it and this
-      transform (a tree like ``bases``), never stored across steps.
+      transform (a tree like the parameters, ``optax.MaskedNode`` at leaves
+      that are not projected), never stored across steps.
   """
 
   count: jax.Array
-  bases: Any
-  combine_states: Any
+  bases: dict[str, LeafBasis]
+  combine_states: dict[str, Any]
   inner_state: optax.OptState
   projected: Any = ()
 
@@ -103,8 +119,9 @@ class AccumulationStep(NamedTuple):
 
 
 def _validate_scale(scale):
-  if isinstance(scale, (int, float)) and not scale > 0:
-    raise ValueError(f"`scale` must be positive, got {scale!r}")
+  if isinstance(scale, bool) or (
+      isinstance(scale, (int, float)) and not 0 < scale < float("inf")):
+    raise ValueError(f"`scale` must be a positive finite number, got {scale!r}")
 
 
 def _validate_rank(rank):
@@ -122,21 +139,111 @@ def _validate_rank(rank):
     )
 
 
+def _resolve_projector(projector, proj_type) -> Projector:
+  if isinstance(projector, Projector):
+    if proj_type is not None:
+      raise ValueError(
+          "`proj_type` configures the 'svd' projector only; a Projector "
+          f"instance carries its own side (got proj_type={proj_type!r} with "
+          f"{projector!r}). Pass the side to the projector's factory, e.g. "
+          "projectors.random(proj_type='left').")
+    return projector
+  if projector != "svd":
+    raise ValueError(
+        f"`projector` must be 'svd' or a Projector instance, got {projector!r}")
+  return svd("std" if proj_type is None else proj_type)
+
+
+class _Projected(NamedTuple):
+  """One projected leaf after the project stage (opaque to the pipeline)."""
+
+  g: Optional[jax.Array]  # the gradient, matricized (batch..., n, m)
+  basis: Any  # the basis used this step
+  r: jax.Array  # down(basis, g)
+  refreshed: Optional[jax.Array]  # bool scalar, None when no refresh is asked
+
+
+def _refresh(projector: Projector, ctx: RefreshContext, g, basis):
+  """The refresh branch: a new basis, kept per matrix where ``g`` is not finite."""
+  if ctx.first_moment is not None:
+    ctx = ctx._replace(
+        first_moment=quantize.dequantize_tree(ctx.first_moment).astype(
+            jnp.float32))
+  new = projector.refresh(ctx, g.astype(jnp.float32), basis)
+  finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
+  batch = finite.shape
+
+  def keep_if_not_finite(new_leaf, old_leaf):
+    # Per matrix where the basis has one entry per matrix (SVD vectors,
+    # indices); otherwise (one key, a block choice) for the whole leaf.
+    if old_leaf.ndim > len(batch) and old_leaf.shape[:len(batch)] == batch:
+      ok = finite.reshape(batch + (1,) * (old_leaf.ndim - len(batch)))
+    else:
+      ok = jnp.all(finite)
+    new_leaf = shapes.reshard_like(new_leaf.astype(old_leaf.dtype), old_leaf)
+    return shapes.reshard_like(jnp.where(ok, new_leaf, old_leaf), old_leaf)
+
+  return jax.tree.map(keep_if_not_finite, new, basis)
+
+
+def _project_leaf(projector: Projector, plan: shapes.LeafPlan, g, basis, *,
+                  refresh: Optional[jax.Array], ctx: RefreshContext
+                  ) -> _Projected:
+  """Refreshes the leaf's basis if ``refresh`` (under one ``lax.cond``) and
+  projects its gradient."""
+  g2 = plan.layout.matricize(g)
+  if refresh is not None:
+    basis = jax.lax.cond(
+        refresh,
+        lambda ctx, g, b: _refresh(projector, ctx, g, b),
+        lambda ctx, g, b: b,
+        ctx, g2, basis)
+  return _Projected(g2, basis, projector.down(basis, g2), refresh)
+
+
+def _combine_leaf(rule: combine_lib.CombineRule, projector: Projector,
+                  plan: shapes.LeafPlan, like, p: _Projected, n, scale, state):
+  """The full-size update of one projected leaf, in the parameter's layout."""
+  u, state = rule.apply(projector, p.basis, p.g, p.r, n, scale, state)
+  return plan.layout.unmatricize(u).astype(like.dtype), state
+
+
+def _groups(plans, group_fn) -> list[Optional[int]]:
+  """Each projected leaf's group index (groups numbered by first leaf)."""
+  if group_fn is None:
+    return [None if p is None else p.index for p in plans]
+  index: dict[Hashable, int] = {}
+  out = []
+  for p in plans:
+    if p is None:
+      out.append(None)
+      continue
+    label = group_fn(p.name)
+    try:
+      out.append(index.setdefault(label, len(index)))
+    except TypeError:
+      raise ValueError(
+          f"`group_fn` must return a hashable label for each path; for "
+          f"{p.name!r} it returned {label!r}") from None
+  return out
+
+
 def lowrank_project(
     inner: optax.GradientTransformation,
     rank: Union[int, float],
     *,
     update_proj_gap: int = 200,
     scale: Union[float, jax.Array] = 1.0,
-    proj_type: str = "std",
+    proj_type: Optional[str] = None,
     projector: Union[str, Projector] = "svd",
     granularity: Union[int, float] = 1,
-    mask: shapes.MaskOrFn = None,
+    projection_mask: shapes.MaskOrFn = None,
     dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    on_refresh: str = "keep",
+    on_refresh: Union[str, moments.RefreshPolicy] = "keep",
     stagger: bool = False,
     combine: combine_lib.CombineRule = combine_lib.back_project(),
     unprojected: Optional[optax.GradientTransformation] = None,
+    group_fn: Optional[Callable[[str], Hashable]] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it runs in a low-rank subspace of each gradient.
@@ -146,9 +253,17 @@ def lowrank_project(
   ``R = down(basis, G)``; ``inner`` updates the tree of projected gradients;
   its output ``N`` is combined back, by default ``U = scale · up(basis, N)``.
   The basis is renewed from ``G`` at step 0 and every ``update_proj_gap``
-  steps. Leaves not projected (not selected by ``mask``, fewer than two axes,
-  or smaller side ``<= rank``) go through ``inner`` at full shape, so with
-  nothing projected this is exactly ``inner``.
+  steps. Leaves not projected (not selected by ``projection_mask``, fewer
+  than two axes, more than two without dimension numbers, or smaller side
+  ``<= rank``) go through ``inner`` at full shape, so with nothing projected
+  this is exactly ``inner``.
+
+  Why a wrapper and not a link of a chain: ``optax.chain(project, adam)``
+  would leave Adam's output in the subspace, with no way back to the
+  parameter's shape, since the basis lives in another transform's state.
+  ``lowrank_project(inner)`` wraps ``inner`` as ``optax.masked`` or
+  ``optax.MultiSteps`` do, and itself composes in ``optax.chain`` with
+  weight decay and learning-rate schedules.
 
   ``inner`` may be any optax transform. If it reads ``params``, it receives the
   parameters projected into each leaf's subspace (``down(basis, W)``) for
@@ -163,23 +278,28 @@ def lowrank_project(
     update_proj_gap: Steps between subspace refreshes.
     scale: Multiplier of the back-projected update (GaLore's ``alpha``); may be
       an array (e.g. from ``optax.inject_hyperparams``).
-    proj_type: For ``projector="svd"``: ``std``, ``reverse_std``, ``left``,
-      ``right`` or ``full`` (galore-torch's meanings).
-    projector: ``"svd"`` or a ``Projector`` instance.
+    proj_type: For ``projector="svd"``: ``std`` (default), ``reverse_std``,
+      ``left``, ``right`` or ``full`` (galore-torch's meanings). An error
+      with a ``Projector`` instance, which carries its own side.
+    projector: ``"svd"`` or a ``Projector`` instance (``projectors``).
     granularity: VLoRP's projection unit ``c``, a power of two: the
       projector works on each matrix regrouped row-major to ``(m·c, n/c)``
       (``m >= n``) or ``(m/c, n·c)``, see ``projectors.granular``. ``1``
       projects the matrix itself.
-    mask: Which leaves may be projected: a bool pytree like the parameters, or a
-      function of them returning one (like ``optax.masked``).
-    dimension_numbers: ``DimensionNumbers`` for leaves with more than two axes
-      (one for all, a pytree with ``None`` leaves, or a function of the
-      parameters). Axes they do not name are batch axes.
-    on_refresh: What happens to the inner moments of a refreshed leaf:
-      ``keep`` (galore-torch), ``reset``, ``transfer`` (Flora: the first
-      moment becomes ``down(new, up(old, M))``) or ``rotate`` (the same map;
-      for orthonormal bases it re-expresses the moment in the new basis).
-    stagger: Spread the leaves' refreshes over the gap (see
+    projection_mask: Which leaves may be projected: a bool pytree like the
+      parameters, or a function of them returning one (e.g.
+      ``match_paths("attn|mlp")``). Default: all.
+    dimension_numbers: ``DimensionNumbers`` (or optax's
+      ``GaLoreDimensionNumbers`` / ``MuonDimensionNumbers``) for leaves with
+      more than two axes: one for all, a pytree with ``None`` leaves, or a
+      function of the parameters. Axes they do not name are batch axes.
+      Leaves of more than two axes without them are not projected (one
+      warning at ``init`` lists them), as in ``optax.contrib.galore``.
+    on_refresh: What a refresh does to the leaf's inner moments: a
+      ``moments.RefreshPolicy`` or one of the names ``keep`` (galore-torch),
+      ``reset``, ``rotate`` (= ``rotate_first_moment``) and
+      ``rotate_moments``.
+    stagger: Spread the groups' refreshes over the gap (see
       ``schedules.every``).
     combine: The combine rule building the full-space update from the
       subspace one (a ``combine.CombineRule``); ``combine.back_project()``
@@ -190,6 +310,11 @@ def lowrank_project(
       its own leaves, so a global-norm clip inside ``inner`` then sees the
       projected leaves only), as in reference codes that pair a subspace
       method with full AdamW for embeddings, norms and the LM head (VLoRP).
+    group_fn: ``group_fn(path) -> label``, with ``path`` a projected leaf's
+      ``path_name`` (``"layers/attn/q/kernel"``). Leaves with the same label
+      form a group: they refresh on the same steps and their projectors
+      receive the same key, so a random choice (e.g. of layers) is the same
+      for all of them. ``None``: every leaf is its own group.
     seed: Seed for projectors that draw random bases.
 
   Returns:
@@ -210,26 +335,15 @@ def lowrank_project(
   """
   _validate_rank(rank)
   _validate_scale(scale)
-  if on_refresh not in moments.ON_REFRESH:
-    raise ValueError(
-        f"`on_refresh` must be one of {moments.ON_REFRESH}, got {on_refresh!r}"
-    )
-  if isinstance(projector, str):
-    if projector != "svd":
-      raise ValueError(
-          f"`projector` must be 'svd' or a Projector instance, got "
-          f"{projector!r}"
-      )
-    projector = svd(proj_type)
-  elif not isinstance(projector, Projector):
-    raise ValueError(
-        f"`projector` must be 'svd' or a Projector instance, got {projector!r}"
-    )
+  policy = moments.as_policy(on_refresh)
+  projector = _resolve_projector(projector, proj_type)
   if not isinstance(combine, combine_lib.CombineRule):
     raise ValueError(
         f"`combine` must be a combine.CombineRule (e.g. "
         f"combine.back_project()), got {combine!r}"
     )
+  if group_fn is not None and not callable(group_fn):
+    raise ValueError(f"`group_fn` must be callable or None, got {group_fn!r}")
   shapes.validate_granularity(granularity)
   if granularity != 1:
     projector = projectors.granular(projector, granularity)
@@ -242,10 +356,10 @@ def lowrank_project(
         f"{unprojected!r}"
     )
 
-  def plan(tree):
+  def plan(tree, *, warn=False):
     return shapes.plan_leaves(
-        tree, rank=rank, mask=mask, dimension_numbers=dimension_numbers
-    )
+        tree, rank=rank, mask=projection_mask,
+        dimension_numbers=dimension_numbers, warn=warn)
 
   def inner_for(plans, treedef) -> optax.GradientTransformationExtraArgs:
     """``inner``, or ``inner`` and ``unprojected`` side by side."""
@@ -253,16 +367,19 @@ def lowrank_project(
       return inner
     labels = treedef.unflatten(
         ["projected" if p is not None else "unprojected" for p in plans])
+    # A function, so that a callable labels tree (an Equinox module) is not
+    # mistaken for one by optax.partition.
     return optax.partition(
-        {"projected": inner, "unprojected": unprojected}, labels)
+        {"projected": inner, "unprojected": unprojected}, lambda _: labels)
 
   def init_fn(params):
-    plans, treedef = plan(params)
-    bases, combine_states, proxies = [], [], []
-    for leaf, p in zip(treedef.flatten_up_to(params), plans):
+    plans, treedef = plan(params, warn=True)
+    leaves = treedef.flatten_up_to(params)
+    bases, combine_states, proxies = {}, {}, []
+    # Step 1: each projected leaf's basis and combine state, and the
+    # projected stand-in the inner optimizer is initialized with.
+    for leaf, p in zip(leaves, plans):
       if p is None:
-        bases.append(optax.MaskedNode())
-        combine_states.append(optax.MaskedNode())
         proxies.append(leaf)
         continue
       g = p.layout.matricize(jnp.zeros_like(leaf))
@@ -272,12 +389,12 @@ def lowrank_project(
       )
       try:
         basis = projector.init(info, leaf.dtype)
-        combine_state = combine.init(info)
+        combine_states[p.name] = combine.init(info)
       except ValueError as e:
         raise ValueError(f"Leaf {p.path} of shape {leaf.shape}: {e}") from None
-      bases.append(LeafBasis(basis, p.rank, p.layout.matrix_shape))
-      combine_states.append(combine_state)
+      bases[p.name] = LeafBasis(basis, p.rank, p.layout.matrix_shape)
       proxies.append(projector.down(basis, g))
+    # Step 2: the inner optimizer's state over the projected tree.
     inner_tx = inner_for(plans, treedef)
     inner_state = inner_tx.init(treedef.unflatten(proxies))
     if projector.reads_first_moment:
@@ -289,148 +406,140 @@ def lowrank_project(
               f"first moment, but the inner state has no parameter-shaped "
               f"field named one of {moments.FIRST_MOMENT_FIELDS} for it; use "
               "an inner optimizer that keeps one, e.g. optax.scale_by_adam.")
+    if bases and all(jnp.size(x) <= 1 for x in jax.tree.leaves(inner_state)):
+      warnings.warn(
+          "lowrank_project: the inner transform keeps no per-parameter state, "
+          "so projecting saves no memory. A stateful optimizer chained after "
+          "lowrank_project (optax.chain(lowrank_project(optax.identity(), "
+          "...), optax.adam(...))) keeps full-size moments; wrap it instead: "
+          "optax.chain(lowrank_project(optax.scale_by_adam(), ...), "
+          "optax.scale_by_learning_rate(...)).", stacklevel=2)
     return LowRankState(
         count=jnp.zeros([], jnp.int32),
-        bases=treedef.unflatten(bases),
-        combine_states=treedef.unflatten(combine_states),
+        bases=bases,
+        combine_states=combine_states,
         inner_state=inner_state,
     )
-
-  def refresh_leaf(g, basis, key, step, *first_moment):
-    first_moment = [quantize.dequantize_tree(m) for m in first_moment]
-    new = projector.refresh(g.astype(jnp.float32), basis, key, step,
-                            *first_moment)
-    finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
-    batch = finite.shape
-
-    def keep_if_not_finite(new_leaf, old_leaf):
-      # Per matrix where the basis has one entry per matrix (SVD vectors,
-      # indices); otherwise (one key, a block choice) for the whole leaf.
-      if old_leaf.ndim > len(batch) and old_leaf.shape[:len(batch)] == batch:
-        ok = finite.reshape(batch + (1,) * (old_leaf.ndim - len(batch)))
-      else:
-        ok = jnp.all(finite)
-      new_leaf = shapes.reshard_like(new_leaf.astype(old_leaf.dtype), old_leaf)
-      return shapes.reshard_like(jnp.where(ok, new_leaf, old_leaf), old_leaf)
-
-    return jax.tree.map(keep_if_not_finite, new, basis)
 
   def update_fn(updates, state, params=None, **extra_args):
     accumulation = extra_args.pop(ACCUMULATION_ARG, None)
     applying = accumulation is not None and accumulation.phase == "apply"
     plans, treedef = plan(updates)
     inner_tx = inner_for(plans, treedef)
-    num_projected = sum(p is not None for p in plans)
-    if applying and combine.reads_gradient and num_projected:
+    groups = _groups(plans, group_fn)
+    num_groups = 1 + max((g for g in groups if g is not None), default=-1)
+    if applying and combine.reads_gradient and num_groups:
       raise ValueError(
           "This lowrank_project's combine rule reads the full gradient (as "
           "APOLLO, Fira, FRUGAL and Flora do), so its gradients cannot be "
           "accumulated in the subspace; use optax.MultiSteps instead."
       )
     grads = treedef.flatten_up_to(updates)
-    old_bases = treedef.flatten_up_to(state.bases)
-    stored = (treedef.flatten_up_to(state.projected) if applying
-              else [None] * len(grads))
     params_leaves = (
         [None] * len(grads) if params is None
-        else treedef.flatten_up_to(params)
-    )
+        else treedef.flatten_up_to(params))
+    for g, p in zip(grads, plans):
+      _check_leaf(p, g, state.bases)
     step = state.count
     base_key = jax.random.fold_in(jax.random.key(seed), step)
     first_moments = (
         moments.first_moments(inner_tx, state.inner_state, treedef)
         if projector.reads_first_moment and not applying
         else [None] * len(grads))
+    accumulated = (treedef.flatten_up_to(state.projected) if applying
+                   else [None] * len(grads))
 
-    matrices, new_bases, reduced, inner_params = [], [], [], []
-    refreshed, rotations = [], []
-    for g, old, w, r_acc, m, p in zip(
-        grads, old_bases, params_leaves, stored, first_moments, plans):
-      if p is None:
-        matrices.append(None)
-        new_bases.append(old)
-        reduced.append(g)
-        inner_params.append(w)
-        refreshed.append(None)
-        rotations.append(None)
-        continue
+    # Step 1: refresh the bases that are due and project the gradients.
+    def project(p, group, g, w, first_moment, r):
+      old = state.bases[p.name].basis
       if applying:  # the subspace was set by the accumulation's first step
-        basis = old.basis
-        matrices.append(None)
-        reduced.append(r_acc)
-        refreshed.append(None)
-        rotations.append(None)
-      else:
-        g2 = p.layout.matricize(g)
-        do_refresh = refresh_schedule(step, p.index, num_projected)
-        if accumulation is not None:
-          do_refresh = jnp.logical_and(do_refresh, accumulation.first)
-        key = jax.random.fold_in(base_key, p.index)
-        basis = jax.lax.cond(
-            do_refresh,
-            refresh_leaf,
-            lambda g, b, *_: b,
-            g2, old.basis, key, step, *(() if m is None else (m,)),
-        )
-        matrices.append(g2)
-        reduced.append(projector.down(basis, g2))
-        refreshed.append(do_refresh)
-        rotations.append(
-            lambda m, old=old.basis, new=basis: projector.down(
-                new, projector.up(old, m)
-            ).astype(m.dtype)
-        )
-      new_bases.append(dataclasses.replace(old, basis=basis))
-      inner_params.append(
-          None if w is None else projector.down(basis, p.layout.matricize(w))
+        return _Projected(None, old, r, None)
+      refresh = refresh_schedule(step, group, num_groups)
+      if accumulation is not None:
+        refresh = jnp.logical_and(refresh, accumulation.first)
+      ctx = RefreshContext(
+          step=step,
+          key=jax.random.fold_in(base_key, group),
+          params=None if w is None else p.layout.matricize(w),
+          first_moment=first_moment,
+          group=jnp.asarray(group, jnp.int32),
       )
+      return _project_leaf(projector, p, g, old, refresh=refresh, ctx=ctx)
+
+    projected = [
+        None if p is None else project(p, group, g, w, m, r)
+        for p, group, g, w, m, r in zip(
+            plans, groups, grads, params_leaves, first_moments, accumulated)
+    ]
+    bases = {
+        p.name: dataclasses.replace(state.bases[p.name], basis=x.basis)
+        for p, x in zip(plans, projected) if p is not None
+    }
+    reduced = [g if x is None else x.r for g, x in zip(grads, projected)]
     reduced_tree = treedef.unflatten(reduced)
+
+    # Step 2: the refresh policy on the moments of refreshed leaves.
     inner_state = moments.apply_on_refresh(
-        on_refresh,
+        policy,
         inner=inner_tx,
         inner_state=state.inner_state,
         treedef=treedef,
-        refreshed=[None] * len(plans) if applying else refreshed,
-        rotate=rotations,
+        changes=[
+            None if x is None or x.refreshed is None else (
+                x.refreshed,
+                moments.SubspaceChange(
+                    projector, state.bases[p.name].basis, x.basis))
+            for p, x in zip(plans, projected)
+        ],
         fresh_state_fn=lambda: inner_tx.init(reduced_tree),
     )
     if accumulation is not None and accumulation.phase == "project":
-      projected = [
-          optax.MaskedNode() if p is None else r
-          for r, p in zip(reduced, plans)
-      ]
       return updates, state._replace(
-          bases=treedef.unflatten(new_bases),
+          bases=bases,
           inner_state=inner_state,
-          projected=treedef.unflatten(projected),
+          projected=treedef.unflatten([
+              optax.MaskedNode() if x is None else x.r for x in projected]),
       )
 
+    # Step 3: the inner optimizer on the tree of projected gradients, with
+    # the parameters projected alike.
+    inner_params = None if params is None else treedef.unflatten([
+        w if x is None else projector.down(x.basis, p.layout.matricize(w))
+        for p, x, w in zip(plans, projected, params_leaves)
+    ])
     inner_updates, inner_state = inner_tx.update(
-        reduced_tree,
-        inner_state,
-        None if params is None else treedef.unflatten(inner_params),
-        **extra_args,
-    )
+        reduced_tree, inner_state, inner_params, **extra_args)
 
-    out, new_combine_states = [], []
-    for g, g2, r, n, b, c, p in zip(
-        grads, matrices, reduced, treedef.flatten_up_to(inner_updates),
-        new_bases, treedef.flatten_up_to(state.combine_states), plans,
-    ):
-      if p is None:
+    # Step 4: each projected leaf's update back at full size.
+    out, combine_states = [], {}
+    for p, g, x, n in zip(plans, grads, projected,
+                          treedef.flatten_up_to(inner_updates)):
+      if x is None:
         out.append(n)
-        new_combine_states.append(c)
         continue
-      u, c = combine.apply(projector, b.basis, g2, r, n, scale, c)
-      out.append(p.layout.unmatricize(u).astype(g.dtype))
-      new_combine_states.append(c)
+      u, combine_states[p.name] = _combine_leaf(
+          combine, projector, p, g, x, n, scale,
+          state.combine_states[p.name])
+      out.append(u)
 
-    new_state = LowRankState(
+    return treedef.unflatten(out), LowRankState(
         count=optax.safe_int32_increment(step),
-        bases=treedef.unflatten(new_bases),
-        combine_states=treedef.unflatten(new_combine_states),
+        bases=bases,
+        combine_states=combine_states,
         inner_state=inner_state,
     )
-    return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_leaf(plan, g, bases) -> None:
+  """Raises, naming the leaf, if ``update`` sees a leaf ``init`` did not plan."""
+  if plan is None:
+    return
+  stored = bases.get(plan.name)
+  if stored is None or stored.matrix_shape != plan.layout.matrix_shape:
+    raise ValueError(
+        f"Leaf {plan.path} of shape {tuple(g.shape)} does not match the "
+        f"optimizer state (built by init for "
+        f"{'no such leaf' if stored is None else stored.matrix_shape}); "
+        "re-run init for the new parameters.")

@@ -527,8 +527,8 @@ def quantize_basis(
 
     return jax.tree.map(compress, projector.init(info, dtype))
 
-  def refresh(g, basis, key, step):
-    new = projector.refresh(g, dequantize_tree(basis), key, step)
+  def refresh(ctx, g, basis):
+    new = projector.refresh(ctx, g, dequantize_tree(basis))
     return jax.tree.map(
         lambda old, x: requantize(old, x) if _is_quantized(old) else x,
         basis, new, is_leaf=_is_quantized)

@@ -176,11 +176,11 @@ def lazy(
         calls=jnp.zeros([], jnp.int32),
     )
 
-  def refresh(g, state, key, step):
+  def refresh(ctx, g, state):
     due = (state.calls * update_proj_gap) % state.gap == 0
 
     def renew(g, state):
-      new = projector.refresh(g, state.basis, key, step)
+      new = projector.refresh(ctx, g, state.basis)
       first = _first_vector(new).astype(jnp.float32)
       norms = (jnp.linalg.norm(first, axis=-1)
                * jnp.linalg.norm(state.previous, axis=-1))
@@ -282,8 +282,8 @@ def adaptive_rank(projector: Projector, threshold: float = 0.9) -> Projector:
     basis = projector.init(info, dtype)
     return AdaptiveRankBasis(basis, info.zeros("", jnp.int32) + info.rank)
 
-  def refresh(g, state, key, step):
-    new = projector.refresh(g, state.basis, key, step)
+  def refresh(ctx, g, state):
+    new = projector.refresh(ctx, g, state.basis)
     r_axis = -1 if isinstance(new, LeftBasis) else -2
     energy = jnp.sum(jnp.square(projector.down(new, g)),
                      axis=-2 if r_axis == -1 else -1)  # (batch..., r)

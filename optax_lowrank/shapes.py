@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import PartitionSpec as P
 
 
@@ -49,6 +52,82 @@ DimensionNumbersOrFn = Union[
     None, DimensionNumbers, Any, Callable[[Any], Any]
 ]
 MaskOrFn = Union[None, bool, Any, Callable[[Any], Any]]
+
+# optax's own specs with the same meaning (fields ``reduction_axis`` and
+# ``output_axis``), accepted wherever ``DimensionNumbers`` are.
+_OPTAX_DIMENSION_NUMBERS = tuple(
+    t for t in (getattr(optax.contrib, "GaLoreDimensionNumbers", None),
+                getattr(optax.contrib, "MuonDimensionNumbers", None))
+    if t is not None)
+
+
+def is_dimension_numbers(x) -> bool:
+  """Whether ``x`` is ours or optax's GaLore/Muon dimension numbers."""
+  return isinstance(x, (DimensionNumbers,) + _OPTAX_DIMENSION_NUMBERS)
+
+
+def as_dimension_numbers(x) -> Optional[DimensionNumbers]:
+  """``x`` (ours, optax's GaLore/Muon spec, or ``None``) as ours."""
+  if x is None or isinstance(x, DimensionNumbers):
+    return x
+  if isinstance(x, _OPTAX_DIMENSION_NUMBERS):
+    return DimensionNumbers(x.reduction_axis, x.output_axis)
+  raise ValueError(
+      "`dimension_numbers` entries must be DimensionNumbers, optax's "
+      f"GaLoreDimensionNumbers / MuonDimensionNumbers, or None; got {x!r}")
+
+
+def path_name(path) -> str:
+  """A key path as a ``/``-joined name: ``{"a": {"b": [x]}}`` → ``"a/b/0"``.
+
+  A last ``.value`` attribute (a Flax NNX ``Variable``'s array) is left out:
+  ``nnx.Optimizer`` hands ``init`` a state of ``Param`` variables and
+  ``update`` the same state as plain arrays, and both must name a leaf alike.
+  """
+  path = tuple(path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      path[-1].name == "value"):
+    path = path[:-1]
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def match_paths(pattern: str) -> Callable[[Any], Any]:
+  """A mask function selecting the leaves whose path matches ``pattern``.
+
+  Like a ``target_modules`` list: ``pattern`` is a regular expression searched
+  (``re.search``) in each leaf's ``path_name``, e.g. ``"layers/0/attn/q/kernel"``
+  (Flax NNX state paths end in ``/value``).
+
+  Args:
+    pattern: A regular expression, e.g. ``"attn|mlp"``.
+
+  Returns:
+    ``mask(params) -> bool pytree``, for ``projection_mask`` of
+    ``lowrank_project`` or any optax ``mask``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"attn": {"q": jnp.zeros((8, 8))}, "norm": jnp.zeros(8)}
+    >>> optax_lowrank.match_paths("attn|mlp")(params)
+    {'attn': {'q': True}, 'norm': False}
+
+  References:
+    Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, 2024 (the
+    attention and MLP matrices are projected; embeddings, norms and the head
+    are not).
+  """
+  try:
+    regex = re.compile(pattern)
+  except (re.error, TypeError) as e:
+    raise ValueError(
+        f"`pattern` must be a regular expression, got {pattern!r}: {e}"
+    ) from None
+
+  def mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: regex.search(path_name(path)) is not None, params)
+
+  return mask
 
 
 def _as_axes(axes: Union[int, Sequence[int]], ndim: int) -> Optional[tuple[int, ...]]:
@@ -350,7 +429,8 @@ class LeafPlan:
   index: int  # position among the projected leaves, for staggering
   layout: MatrixLayout
   rank: int
-  path: str  # the leaf's key path, for error messages
+  path: str  # the leaf's key path (``keystr``), for error messages
+  name: str  # ``path_name`` of the key path: the leaf's key in the state
 
 
 def resolve_rank(rank: Union[int, float], m: int, n: int) -> int:
@@ -362,7 +442,7 @@ def resolve_rank(rank: Union[int, float], m: int, n: int) -> int:
 
 def resolve_per_leaf(spec_or_fn, tree, is_spec_leaf):
   """A per-leaf option given once, as a tree, or as a function of ``tree``."""
-  if callable(spec_or_fn) and not isinstance(spec_or_fn, DimensionNumbers):
+  if callable(spec_or_fn) and not is_dimension_numbers(spec_or_fn):
     spec_or_fn = spec_or_fn(tree)
   treedef = jax.tree.structure(tree)
   if is_spec_leaf(spec_or_fn):
@@ -383,6 +463,7 @@ def plan_leaves(
     rank: Union[int, float],
     mask: MaskOrFn = None,
     dimension_numbers: DimensionNumbersOrFn = None,
+    warn: bool = False,
 ) -> tuple[list[Optional[LeafPlan]], Any]:
   """Decides, for each leaf of ``params``, whether and how it is projected.
 
@@ -390,16 +471,20 @@ def plan_leaves(
   None), it has dimension numbers (2-D leaves default to
   ``DimensionNumbers(0, 1)``; 0-D and 1-D leaves are never projected) and its
   smaller matrix side exceeds the rank. A selected leaf of more than two axes
-  without dimension numbers is an error: it is never reshaped by guesswork.
+  without dimension numbers is left at full size, never reshaped by
+  guesswork (as ``optax.contrib.galore`` does); with ``warn``, one warning
+  lists such leaves.
 
   Args:
     params: A pytree of arrays or ``jax.ShapeDtypeStruct`` (only shapes read).
     rank: Int rank, or a float fraction of each leaf's smaller side.
     mask: ``None``, a bool, a pytree of bools like ``params``, or a function
       of ``params`` returning one.
-    dimension_numbers: ``None``, one ``DimensionNumbers`` for all selected
-      leaves, a pytree of them (``None`` leaves skip), or a function of
-      ``params`` returning one.
+    dimension_numbers: ``None``, one ``DimensionNumbers`` (or optax's
+      GaLore/Muon spec) for all selected leaves, a pytree of them (``None``
+      leaves skip), or a function of ``params`` returning one.
+    warn: Warn once about selected leaves of more than two axes left
+      unprojected for want of dimension numbers.
 
   Returns:
     A list with a ``LeafPlan`` or ``None`` per leaf, and the tree definition.
@@ -411,29 +496,36 @@ def plan_leaves(
   dims_list = resolve_per_leaf(
       dimension_numbers,
       params,
-      lambda x: x is None or isinstance(x, DimensionNumbers),
+      lambda x: x is None or is_dimension_numbers(x),
   )
   plans: list[Optional[LeafPlan]] = []
+  unshaped = []
   count = 0
   for (path, leaf), selected, dims in zip(leaves_with_path, masks, dims_list):
     shape = tuple(leaf.shape)
     where = jax.tree_util.keystr(path) or "<root>"
+    dims = as_dimension_numbers(dims)
     if not selected or len(shape) < 2:
       plans.append(None)
       continue
     if dims is None:
       if len(shape) > 2:
-        raise ValueError(
-            f"Leaf {where} has shape {shape} (more than 2 axes) and no "
-            "dimension numbers: pass `dimension_numbers` for it (axes it does "
-            "not name become batch axes) or exclude it with `mask`."
-        )
+        unshaped.append(f"{where} {shape}")
+        plans.append(None)
+        continue
       dims = DimensionNumbers(0, 1)
     layout = MatrixLayout.from_dimension_numbers(shape, dims, where)
     r = resolve_rank(rank, layout.m, layout.n)
     if min(layout.m, layout.n) <= r:
       plans.append(None)
       continue
-    plans.append(LeafPlan(count, layout, r, where))
+    plans.append(LeafPlan(count, layout, r, where, path_name(path) or "."))
     count += 1
+  if warn and unshaped:
+    warnings.warn(
+        f"{len(unshaped)} leaves of more than 2 axes are not projected (no "
+        f"dimension numbers): {', '.join(unshaped)}. Give `dimension_numbers` "
+        "for them (axes they do not name become batch axes) to project them, "
+        "or exclude them with the projection mask to silence this.",
+        stacklevel=3)
   return plans, treedef

@@ -34,6 +34,7 @@ import pytest
 
 import optax_lowrank
 from optax_lowrank import DimensionNumbers
+from optax_lowrank.projectors.base import RefreshContext
 from optax_lowrank.projectors.random import KeyBasis
 from tests.gradients import drifting_low_rank
 from tests.reference import apollo as ref_apollo
@@ -258,7 +259,7 @@ def test_random_matrix_distribution_and_state():
   assert all(l.dtype == jnp.uint32 for l in leaves)
   refresh = optax_lowrank.projectors.random().refresh  # apollo's projector's refresh
   for k, shape in (("left", (256, rank)), ("right", (rank, 256))):
-    basis = refresh(None, bases[k].basis, jax.random.key(7), 0)
+    basis = refresh(RefreshContext(0, jax.random.key(7)), None, bases[k].basis)
     assert isinstance(basis, KeyBasis) and basis.side == k
     x = np.asarray(basis.matrix(), np.float64)
     assert x.shape == shape and basis.matrix().dtype == jnp.float32

@@ -33,6 +33,7 @@ import optax_lowrank
 from optax_lowrank.projectors.dct import DCTBasis, MAX_SIZE, dct, dct_matrix
 from optax_lowrank.inner.adam import bias_correction
 from optax_lowrank.projectors.grass import grass
+from optax_lowrank.projectors.base import RefreshContext
 from optax_lowrank.shapes import DimensionNumbers, MatrixInfo
 from tests.reference.dct import RefDCTAdamW, dct3_matrix
 from tests.reference.grass import RefGrass, sampling_probabilities
@@ -255,7 +256,8 @@ def test_dct_l1_and_l2_rank_differently(side):
   g = jnp.asarray(g_torch.T, jnp.float32)  # the array layout (n, m)
   for norm, want in (("l1", 2), ("l2", 5)):
     proj = dct(side, norm=norm)
-    basis = proj.refresh(g, proj.init(info, jnp.float32), jax.random.key(0), 0)
+    basis = proj.refresh(RefreshContext(0, jax.random.key(0)), g,
+                         proj.init(info, jnp.float32))
     assert basis.side == side and basis.indices.tolist() == [want], (norm, basis.indices)
     ref = RefDCTAdamW(m, n, 1, ell_norm=1 if norm == "l1" else 2)
     if ref.right == (side == "right"):
@@ -322,7 +324,7 @@ def test_grass_sampling_is_unbiased():
     outs = []
     for proj, info, (side, _) in zip(projs, infos, cases):
       g = jnp.asarray(mats[side].T, jnp.float32)  # the array layout (n, m)
-      b = proj.refresh(g, proj.init(info, jnp.float32), key, 0)
+      b = proj.refresh(RefreshContext(0, key), g, proj.init(info, jnp.float32))
       outs.append((proj.up(b, proj.down(b, g)), b.indices, b.scales))
     return outs
 
@@ -343,7 +345,8 @@ def test_grass_sampling_is_unbiased():
   # Negative control: top-norm keeps the same r rows every time, a biased sketch.
   top = grass("left", selection="top_norm")
   g = jnp.asarray(g_rows.T, jnp.float32)
-  b = top.refresh(g, top.init(infos[0], jnp.float32), jax.random.key(0), 0)
+  b = top.refresh(RefreshContext(0, jax.random.key(0)), g,
+                  top.init(infos[0], jnp.float32))
   assert b.indices.tolist() == sorted(np.argsort(-sq)[:r].tolist())
   kept = np.asarray(top.up(b, top.down(b, g)))
   assert np.linalg.norm(kept - g_rows.T) > 0.1 * np.linalg.norm(g_rows)

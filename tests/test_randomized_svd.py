@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optax_lowrank as ol
+from optax_lowrank.projectors.base import RefreshContext
 from optax_lowrank.projectors.randomized_svd import SHIFT, randomized_svd
 from optax_lowrank.projectors.svd import LeftBasis, RightBasis, svd
 from tests import hlo, sharded
@@ -120,7 +121,8 @@ def refreshes():
 
 def _refresh(refreshes, name, big_g, key=0):
   fn, basis0 = refreshes[name]
-  return fn(jnp.asarray(big_g.T, jnp.float32), basis0, jax.random.key(key), 0)
+  return fn(RefreshContext(0, jax.random.key(key)), jnp.asarray(big_g.T, jnp.float32),
+            basis0)
 
 
 def test_fast_decay_matches_exact_svd(refreshes):
@@ -177,10 +179,11 @@ def test_stacked_left_warm_start_matches_float64_reference():
   k = rank + oversample
   keys = jax.random.key(7), jax.random.key(8)
 
-  first = refresh(jnp.asarray(g1, jnp.float32), basis, keys[0], 0)
+  first = refresh(RefreshContext(0, keys[0]), jnp.asarray(g1, jnp.float32), basis)
   # Matrix 1 keeps an all-zero basis (as after a non-finite gradient): it starts cold.
   prev = first.u.at[1].set(0.0)
-  second = refresh(jnp.asarray(g2, jnp.float32), LeftBasis(prev), keys[1], 200)
+  second = refresh(RefreshContext(200, keys[1]), jnp.asarray(g2, jnp.float32),
+                   LeftBasis(prev))
 
   for got, g, key, prior in ((first, g1, keys[0], np.zeros((batch, m, rank))),
                              (second, g2, keys[1], np.asarray(prev, np.float64))):
@@ -200,7 +203,7 @@ def test_stacked_left_warm_start_matches_float64_reference():
   # Degenerate gradients (same compiled refresh): a zero matrix gives a zero basis, a
   # rank-1 matrix of huge entries one unit vector and zeros; nothing is non-finite.
   g3 = np.stack([np.zeros((n, m)), 1e30 * np.outer(np.arange(n), np.ones(m)), g1[2]])
-  third = refresh(jnp.asarray(g3, jnp.float32), second, keys[0], 400)
+  third = refresh(RefreshContext(400, keys[0]), jnp.asarray(g3, jnp.float32), second)
   norms = np.linalg.norm(np.asarray(third.u), axis=1)          # (batch, rank)
   np.testing.assert_allclose(norms[0], 0.0, atol=1e-6)
   np.testing.assert_allclose(norms[1], [1.0] + [0.0] * (rank - 1), atol=1e-5)

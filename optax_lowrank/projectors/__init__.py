@@ -1,6 +1,6 @@
 """Subspace finders, one module each, all implementing ``Projector``."""
 
-from optax_lowrank.projectors.base import Basis, Projector
+from optax_lowrank.projectors.base import Basis, Projector, RefreshContext
 from optax_lowrank.projectors.blocks import BlockBasis, blocks
 from optax_lowrank.projectors.coap import COAPBasis, coap
 from optax_lowrank.projectors.coordinates import IndexBasis, coordinates, randperm
@@ -30,6 +30,7 @@ __all__ = [
     "OnlinePCABasis",
     "PROJ_TYPES",
     "Projector",
+    "RefreshContext",
     "RightBasis",
     "SparseBasis",
     "TwoSidedBasis",

@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 
 from optax_lowrank.shapes import MatrixInfo
 
 Basis = Any  # a pytree of arrays
+
+
+class RefreshContext(NamedTuple):
+  """What a projector's ``refresh`` may read besides the gradient and basis.
+
+  ``lowrank_project`` builds one per projected leaf and step; every field is
+  an array (or ``None``), so it passes through ``lax.cond`` and ``jit``.
+
+  Attributes:
+    step: The optimizer step (int32 scalar), counted from 0.
+    key: A PRNG key for this refresh. Leaves of one group (``group_fn`` of
+      ``lowrank_project``) receive the same key, so that a random choice
+      drawn from it (layers, coordinates, a Gaussian block of the same
+      shape) is the same for all of them.
+    params: The leaf's parameters in the gradient's layout
+      ``(batch..., n, m)``, or ``None`` when ``update`` was called without
+      parameters.
+    first_moment: The inner optimizer's first moment of this leaf in the
+      subspace (``down``'s layout, float32) as it was before this step's
+      gradient, for projectors with ``reads_first_moment``; else ``None``.
+    group: The index of the leaf's group (int32 scalar): groups are numbered
+      in the order of their first leaf.
+  """
+
+  step: jax.Array
+  key: jax.Array
+  params: Optional[jax.Array] = None
+  first_moment: Optional[jax.Array] = None
+  group: Optional[jax.Array] = None
 
 
 class Projector(NamedTuple):
@@ -27,18 +56,18 @@ class Projector(NamedTuple):
       the first refresh. Must only build arrays (it runs under
       ``jax.eval_shape``); use ``info.zeros`` so the state is sharded like the
       parameter.
-    refresh: ``refresh(g, basis, key, step) -> basis``, a new basis from the
-      float32 gradient ``g``. Runs only on refresh steps.
+    refresh: ``refresh(ctx: RefreshContext, g, basis) -> basis``, a new
+      basis from the float32 gradient ``g``. Runs only on refresh steps.
     down: ``down(basis, g) -> r``, the gradient in the subspace.
     up: ``up(basis, r) -> g``, back to the full space in ``g``'s layout
       ``(batch..., n, m)`` (no scale applied).
     reads_first_moment: ``False`` for projectors that need the gradient
-      only. ``True`` (COAP) makes ``lowrank_project`` call
-      ``refresh(g, basis, key, step, first_moment)``, where ``first_moment``
-      is the inner optimizer's float32 first moment of this leaf in the
-      subspace (``down``'s layout), as it was before this step's gradient;
-      the inner optimizer must then keep exactly one (``mu``, ``trace`` or
-      ``momentum``, see ``moments.FIRST_MOMENT_FIELDS``) per projected leaf.
+      only. ``True`` (COAP) makes ``lowrank_project`` fill
+      ``ctx.first_moment`` with the inner optimizer's float32 first moment of
+      this leaf in the subspace (``down``'s layout), as it was before this
+      step's gradient; the inner optimizer must then keep exactly one
+      (``mu``, ``trace`` or ``momentum``, see ``moments.FIRST_MOMENT_FIELDS``)
+      per projected leaf.
   """
 
   init: Callable[[MatrixInfo, Any], Basis]
@@ -52,8 +81,9 @@ def check_wrappable(projector: Projector, wrapper: str) -> None:
   """Raises if ``projector`` cannot be wrapped by ``wrapper``.
 
   Wrappers (granularity, lazy refresh, adaptive rank, a quantized basis) call
-  ``refresh(g, basis, key, step)`` on a basis of their own making, so they
-  cannot hand a first moment to a projector that reads one.
+  ``refresh`` on a basis of their own making, whose layout the inner
+  optimizer's first moment does not share, so they cannot hand it on to a
+  projector that reads one.
   """
   if not isinstance(projector, Projector):
     raise ValueError(

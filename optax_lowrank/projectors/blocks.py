@@ -104,8 +104,9 @@ def blocks(density: float = 0.25, *, order: str = "random") -> Projector:
                       jnp.asarray(start, jnp.int32), info.batch_shape,
                       info.spec)
 
-  def refresh(g, basis, key, step):
-    del g, step
+  def refresh(ctx, g, basis):
+    del g
+    key = ctx.key
     size = math.prod(basis.batch_shape)
     k = basis.indices.shape[0]
     if order == "random":

@@ -227,8 +227,7 @@ def coap(
     clip = jnp.minimum(1.0, max_grad_norm / (norm + CLIP_EPS))
     return one_sided_like(basis, p - learning_rate * clip * grad)
 
-  def refresh(g, state, key, step, first_moment):
-    del step
+  def refresh(ctx, g, state):
     def stored(branch):
       def run(*args):
         new = branch(*args)
@@ -238,7 +237,8 @@ def coap(
       return run
     basis = jax.lax.cond(
         state.count % reproject_factor == 0, stored(recompute),
-        stored(correct), g, state, key, first_moment.astype(jnp.float32))
+        stored(correct), g, state, ctx.key,
+        ctx.first_moment.astype(jnp.float32))
     return COAPBasis(basis, state.count + 1)
 
   def down(state, g):

@@ -65,8 +65,8 @@ def _index_projector(kind_of, count_of) -> Projector:
         jnp.zeros(info.batch_shape + (k,), jnp.int32), kind, (info.n, info.m),
         info.spec)
 
-  def refresh(g, basis, key, step):
-    del step
+  def refresh(ctx, g, basis):
+    key = ctx.key
     n, m = basis.nm
     size = {"columns": n, "rows": m, "random_k": n * m}[basis.kind]
     k = basis.indices.shape[-1]

@@ -208,8 +208,8 @@ def dct(proj_type: str = "std", *, norm: str = "l1") -> Projector:
                                                       dtype=jnp.int32)
     return DCTBasis(indices, side, size, info.spec)
 
-  def refresh(g, basis, key, step):
-    del key, step
+  def refresh(ctx, g, basis):
+    del ctx
     q = dct_matrix(basis.size)
     spec = shapes.explicit_spec(g)
     right = basis.side == "right"

@@ -92,9 +92,13 @@ def granular(projector: Projector, granularity) -> Projector:
     return GranularBasis(projector.init(inner_info, dtype), info.m, info.n,
                          m2, n2, info.spec)
 
-  def refresh(g, basis, key, step):
-    new = projector.refresh(shapes.regroup(g, basis.m2, basis.n2),
-                            basis.basis, key, step)
+  def refresh(ctx, g, basis):
+    # The parameters are regrouped like the gradient, so that a projector
+    # reading them sees the same units.
+    if ctx.params is not None:
+      ctx = ctx._replace(params=shapes.regroup(ctx.params, basis.m2, basis.n2))
+    new = projector.refresh(ctx, shapes.regroup(g, basis.m2, basis.n2),
+                            basis.basis)
     return dataclasses.replace(basis, basis=new)
 
   def down(basis, g):

@@ -183,8 +183,8 @@ def grass(
     scales = info.zeros("r", jnp.float32) + 1.0
     return SparseBasis(indices, scales, side, size, info.spec)
 
-  def refresh(g, basis, key, step):
-    del step
+  def refresh(ctx, g, basis):
+    key = ctx.key
     spec = shapes.explicit_spec(g)
     sq = jnp.sum(g * g, axis=-1 if basis.side == "right" else -2)
     if spec is not None:  # tiny (batch..., size): choose on every device

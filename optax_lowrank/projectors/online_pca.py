@@ -140,13 +140,13 @@ def online_pca(
                           jnp.zeros_like(m), jnp.zeros_like(m),
                           jnp.zeros([], jnp.int32))
 
-  def first(g, state, key, step):
-    basis = exact.refresh(g, state.basis, key, step)
+  def first(ctx, g, state):
+    basis = exact.refresh(ctx, g, state.basis)
     return dataclasses.replace(state, basis=basis,
                                next=jax.tree.map(jnp.copy, basis))
 
-  def descend(g, state, key, step):
-    del key
+  def descend(ctx, g, state):
+    step = ctx.step
     basis = state.next
     p = one_sided_matrix(basis)
     side = "right" if isinstance(basis, RightBasis) else "left"
@@ -164,11 +164,11 @@ def online_pca(
     return OnlinePCABasis(basis, one_sided_like(basis, new.astype(p.dtype)),
                           mu, nu, count)
 
-  def refresh(g, state, key, step):
+  def refresh(ctx, g, state):
     def keep_sharding(branch):
       return lambda *args: jax.tree.map(shapes.reshard_like, branch(*args), state)
-    return jax.lax.cond(step == 0, keep_sharding(first), keep_sharding(descend),
-                        g, state, key, step)
+    return jax.lax.cond(ctx.step == 0, keep_sharding(first),
+                        keep_sharding(descend), ctx, g, state)
 
   def down(state, g):
     return exact.down(state.basis, g)

@@ -126,9 +126,9 @@ def random(
         info.partition(dims), distribution, std,
     )
 
-  def refresh(g, basis, key, step):
-    del g, step
-    return dataclasses.replace(basis, key=jax.random.key_data(key))
+  def refresh(ctx, g, basis):
+    del g
+    return dataclasses.replace(basis, key=jax.random.key_data(ctx.key))
 
   def down(basis, g):
     if basis.side == "left":

@@ -299,8 +299,8 @@ def randomized_svd(
   _validate(proj_type, power_iters, oversample, warm_start, basis_dtype)
   exact = svd(proj_type, basis_dtype=basis_dtype)
 
-  def refresh(g, basis, key, step):
-    del step
+  def refresh(ctx, g, basis):
+    key = ctx.key
     right = isinstance(basis, RightBasis)
     # The subspace is the left singular subspace of ``a`` (``p × q``): for a
     # right basis (V, n-space) that is ``g`` itself, for a left one (U,

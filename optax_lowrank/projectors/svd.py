@@ -132,8 +132,8 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
       return LeftBasis(info.zeros("mr", dtype))
     return TwoSidedBasis(info.zeros("mr", dtype), info.zeros("rn", dtype))
 
-  def refresh(g, basis, key, step):
-    del key, step
+  def refresh(ctx, g, basis):
+    del ctx
     g = shapes.gather_matrices(g.astype(jnp.float32))
     # g = Gᵀ = A S Bᴴ, so G = B S Aᵀ: U = Bᴴᵀ and Vh = Aᵀ.
     a, _, bh = _svd(g)
