@@ -2,6 +2,8 @@
 
 import functools
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +71,7 @@ def test_nothing_projected_is_exactly_inner(inner):
   ref, _, _ = _run(inner, params, 4)
   jax.tree.map(np.testing.assert_array_equal, ours, ref)
   masked, _, _ = _run(
-      ol.lowrank_project(inner, rank=4, mask=lambda p: jax.tree.map(lambda _: False, p)),
+      ol.lowrank_project(inner, rank=4, projection_mask=lambda p: jax.tree.map(lambda _: False, p)),
       params, 4,
   )
   jax.tree.map(np.testing.assert_array_equal, masked, ref)
@@ -201,12 +203,12 @@ def _counting_svd(events):
   """The SVD projector, recording (matrix shape, step) of each executed refresh."""
   base = projectors.svd()
 
-  def refresh(g, basis, key, step):
+  def refresh(ctx, g, basis):
     jax.debug.callback(
-        lambda s, shape=g.shape: events.append((shape, int(s))), step,
+        lambda s, shape=g.shape: events.append((shape, int(s))), ctx.step,
         ordered=False,
     )
-    return base.refresh(g, basis, key, step)
+    return base.refresh(ctx, g, basis)
 
   return base._replace(refresh=refresh)
 
@@ -268,7 +270,7 @@ def test_fixed_projector_supplied_by_the_user():
 
   fixed = ol.Projector(
       init=lambda info, dtype: jnp.asarray(q),
-      refresh=lambda g, basis, key, step: basis,
+      refresh=lambda ctx, g, basis: basis,
       # g arrives in the kernel's layout (n, m) = (in, out); see Projector.
       down=lambda basis, g: jnp.einsum("mr,...nm->...rn", basis, g),
       up=lambda basis, r: jnp.einsum("mr,...rn->...nm", basis, r),
@@ -361,19 +363,184 @@ def test_bad_adam_hyperparameters_of_the_alias(kwargs, match):
     ol.galore(1e-3, **kwargs)
 
 
-def test_three_axis_leaf_needs_dimension_numbers():
-  params = {"blocks": {"w": jnp.ones((3, 24, 16))}, "b": jnp.ones(4)}
+def test_three_axis_leaf_without_dimension_numbers_stays_full_size():
+  """As optax.contrib.galore: not projected, one warning naming the leaf."""
+  params = {"blocks": {"w": jnp.ones((3, 24, 16))}, "b": jnp.ones(4),
+            "k": jnp.ones((24, 16))}
   tx = ol.lowrank_project(optax.scale_by_adam(), rank=4)
-  with pytest.raises(ValueError, match=r"\['blocks'\]\['w'\].*dimension_numbers"):
-    tx.init(params)
+  with pytest.warns(UserWarning, match=r"1 leaves.*\['blocks'\]\['w'\] \(3, 24, 16\)"):
+    state = tx.init(params)
+  assert set(state.bases) == {"k"}
+  assert state.inner_state.mu["blocks"]["w"].shape == (3, 24, 16)
+  grads = jax.tree.map(lambda x: x * 0.5, params)
+  ours, _ = tx.update(grads, state, params)
+  ref, _ = optax.scale_by_adam().update(grads, optax.scale_by_adam().init(params))
+  np.testing.assert_array_equal(ours["blocks"]["w"], ref["blocks"]["w"])
+  assert not np.allclose(ours["k"], ref["k"])  # projected: a rank-4 update
   excluded = ol.lowrank_project(
-      optax.scale_by_adam(), rank=4, mask={"blocks": {"w": False}, "b": True}
-  )
-  state = excluded.init(params)
-  assert isinstance(state.bases["blocks"]["w"], optax.MaskedNode)
+      optax.scale_by_adam(), rank=4,
+      projection_mask={"blocks": {"w": False}, "b": True, "k": True})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert set(excluded.init(params).bases) == {"k"}
+
+
+def test_optax_dimension_numbers_are_accepted():
+  params = {"w": jax.random.normal(jax.random.key(0), (3, 24, 16))}
+  ours = ol.lowrank_project(optax.scale_by_adam(), rank=4,
+                            dimension_numbers=ol.DimensionNumbers(1, 2))
+  want, _ = ours.update(params, ours.init(params), params)
+  for spec in (optax.contrib.GaLoreDimensionNumbers(1, 2),
+               optax.contrib.MuonDimensionNumbers(1, 2)):
+    tx = ol.lowrank_project(optax.scale_by_adam(), rank=4,
+                            dimension_numbers={"w": spec})
+    state = tx.init(params)
+    assert state.bases["w"].matrix_shape == (3, 16, 24)
+    got, _ = tx.update(params, state, params)
+    np.testing.assert_array_equal(got["w"], want["w"])
+
+
+def test_match_paths_selects_by_regular_expression():
+  params = {"layers": {"attn": {"q": jnp.ones((16, 16))},
+                       "mlp": {"up": jnp.ones((16, 32))},
+                       "norm": jnp.ones((16, 16))}, "head": jnp.ones((16, 32))}
+  mask = ol.match_paths("attn|mlp")(params)
+  assert mask == {"layers": {"attn": {"q": True}, "mlp": {"up": True},
+                             "norm": False}, "head": False}
+  tx = ol.lowrank_project(optax.scale_by_adam(), rank=4,
+                          projection_mask=ol.match_paths("attn|mlp"))
+  assert set(tx.init(params).bases) == {"layers/attn/q", "layers/mlp/up"}
+  with pytest.raises(ValueError, match="`pattern`"):
+    ol.match_paths("(")
+
+
+def test_bad_dimension_numbers_name_the_leaf():
+  params = {"blocks": {"w": jnp.ones((3, 24, 16))}, "b": jnp.ones(4)}
   bad_dims = ol.lowrank_project(
       optax.scale_by_adam(), rank=4,
       dimension_numbers={"blocks": {"w": ol.DimensionNumbers(1, 1)}, "b": None},
   )
   with pytest.raises(ValueError, match=r"\['blocks'\]\['w'\].*distinct"):
     bad_dims.init(params)
+
+
+def _moments_after_refresh(policy):
+  """Adam moments of leaf "w" before and after the refresh at step 2, and the
+  bases on both sides of it (gap 2, right basis: R = G Vhᵀ, (m, r))."""
+  params = {"w": jnp.ones((16, 24))}
+  tx = ol.lowrank_project(optax.scale_by_adam(), rank=4, update_proj_gap=2,
+                          on_refresh=policy)
+  _, state, _ = _run(tx, params, 2)
+  before = state
+  _, after = jax.jit(tx.update)(_grads(2, params), state, params)
+  return before, after
+
+
+@pytest.mark.parametrize("name", ["rotate_first_moment", "rotate_moments"])
+def test_rotation_policies_against_float64(name):
+  """M ← T M and (both moments) V ← (T √V)², T = Pₙ Pₒᵀ for right bases."""
+  before, after = _moments_after_refresh(getattr(ol.moments, name)())
+  old = np.asarray(before.bases["w"].basis.vh, np.float64)  # (r, n) = (4, 16)
+  new = np.asarray(after.bases["w"].basis.vh, np.float64)
+  t = new @ old.T  # (r, r): coordinates in the new basis of the old vectors
+  g = np.asarray(_grads(2, {"w": jnp.ones((16, 24))})["w"], np.float64)
+  r = g.T @ new.T  # G (m, n) = gᵀ; R = G Vhᵀ, stored as Rᵀ (r, m)
+  mu0 = np.asarray(before.inner_state.mu["w"], np.float64)  # (r, m)
+  nu0 = np.asarray(before.inner_state.nu["w"], np.float64)
+  mu_want = 0.9 * (t @ mu0) + 0.1 * r.T
+  nu_rot = np.square(t @ np.sqrt(nu0)) if name == "rotate_moments" else nu0
+  nu_want = 0.999 * nu_rot + 0.001 * np.square(r.T)
+  np.testing.assert_allclose(after.inner_state.mu["w"], mu_want, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(after.inner_state.nu["w"], nu_want, rtol=2e-5, atol=1e-7)
+  # Negative control: the subspace really moved, so keeping differs.
+  assert np.abs(t - np.eye(4)).max() > 0.1
+
+
+def test_a_custom_refresh_policy_sees_each_moment_kind():
+  seen = []
+
+  def halve_second(kind, x, fresh, change):
+    seen.append(kind)
+    return x * 0.5 if kind == "second" else x
+
+  keep_before, keep_after = _moments_after_refresh("keep")
+  _, after = _moments_after_refresh(ol.RefreshPolicy(halve_second, "halve"))
+  assert sorted(set(seen)) == ["first", "second"]
+  np.testing.assert_array_equal(after.inner_state.mu["w"], keep_after.inner_state.mu["w"])
+  np.testing.assert_allclose(
+      after.inner_state.nu["w"],
+      keep_after.inner_state.nu["w"] - 0.999 * 0.5 * keep_before.inner_state.nu["w"],
+      rtol=1e-5, atol=1e-9)
+
+
+def _recording_projector(log):
+  """The SVD projector, recording each refresh's (leaf shape, key data,
+  params, group) from its RefreshContext."""
+  base = projectors.svd()
+
+  def refresh(ctx, g, basis):
+    jax.debug.callback(
+        lambda k, w, grp, shape=g.shape: log.append(
+            (shape, np.asarray(k).tolist(), np.asarray(w), int(grp))),
+        jax.random.key_data(ctx.key), ctx.params, ctx.group, ordered=False)
+    return base.refresh(ctx, g, basis)
+
+  return base._replace(refresh=refresh)
+
+
+def test_groups_share_key_and_refresh_steps_and_context_carries_params():
+  params = {"q": jax.random.normal(jax.random.key(3), (24, 16)),
+            "k": jnp.ones((24, 16)), "up": jnp.ones((20, 12))}
+  log = []
+  group = lambda name: "attn" if name in ("q", "k") else name
+  tx = ol.lowrank_project(optax.scale_by_adam(), rank=4, update_proj_gap=4,
+                          stagger=True, group_fn=group,
+                          projector=_recording_projector(log))
+  state = tx.init(params)
+  for t in range(6):
+    _, state = tx.update(_grads(t, params), state, params)
+  jax.effects_barrier()
+  by_shape = {}
+  for shape, key, w, grp in log:
+    by_shape.setdefault(shape, []).append((key, grp, w))
+  # Step 0: all three refresh; then "attn" (group 0, offset 0) at step 4 and
+  # "up" (group 1 of 2, offset 2) at step 2: q and k share every key.
+  attn = [e for e in log if e[0] == (24, 16)]
+  assert len(attn) == 4 and len(by_shape[(20, 12)]) == 2
+  keys = sorted({tuple(e[1]) for e in attn})
+  assert len(keys) == 2  # one key per refresh, the same for q and k
+  assert {e[3] for e in attn} == {0} and {e[1] for e in by_shape[(20, 12)]} == {1}
+  # The context's params are the leaf's own parameters, in g's layout.
+  assert any(np.array_equal(e[2], np.asarray(params["q"])) for e in attn)
+  # Without groups every leaf draws its own key.
+  log.clear()
+  solo = ol.lowrank_project(optax.scale_by_adam(), rank=4,
+                            projector=_recording_projector(log))
+  solo.update(_grads(0, params), solo.init(params), params)
+  jax.effects_barrier()
+  assert len({tuple(e[1]) for e in log}) == 3
+
+
+def test_warns_when_the_inner_optimizer_is_stateless():
+  """chain(lowrank_project(identity), adam) projects nothing worth saving."""
+  params = {"w": jnp.ones((64, 32))}
+  tx = optax.chain(ol.lowrank_project(optax.identity(), rank=8), optax.adam(1e-3))
+  with pytest.warns(UserWarning, match="inner transform keeps no per-parameter state"):
+    state = tx.init(params)
+  assert sum(x.size for x in jax.tree.leaves(state)) > 2 * 64 * 32  # the trap
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ol.lowrank_project(optax.scale_by_adam(), rank=8).init(params)
+
+
+def test_proj_type_with_a_projector_instance_is_an_error():
+  with pytest.raises(ValueError, match="`proj_type`.*Projector instance"):
+    ol.lowrank_project(optax.scale_by_adam(), rank=4, proj_type="left",
+                       projector=projectors.random())
+
+
+def test_update_names_a_leaf_whose_shape_changed_since_init():
+  tx = ol.lowrank_project(optax.scale_by_adam(), rank=4)
+  state = tx.init({"w": jnp.ones((24, 16))})
+  with pytest.raises(ValueError, match=r"Leaf \['w'\] of shape \(24, 20\)"):
+    tx.update({"w": jnp.ones((24, 20))}, state)
