@@ -1,5 +1,6 @@
 """The library needs jax, optax and numpy only; flax and orbax belong to models/ and train/."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ def test_library_imports_neither_flax_nor_orbax():
 
 def test_pyproject_runtime_dependencies():
   tomllib = pytest.importorskip("tomllib")  # the standard library from Python 3.11
-  with open("pyproject.toml", "rb") as f:
+  with open(pathlib.Path(__file__).parents[1] / "pyproject.toml", "rb") as f:
     project = tomllib.load(f)["project"]
   names = {d.split(">")[0].split("=")[0].split("<")[0].strip()
            for d in project["dependencies"]}
