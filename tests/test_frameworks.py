@@ -210,6 +210,31 @@ def test_nnx_attention_kernels_without_dimension_numbers_stay_unprojected():
   assert jnp.shape(mu["up"]["kernel"]) == (RANK, MLP)  # projected: (r, m) for (n, m) = (16, 32)
 
 
+def test_memory_table_attributes_nnx_state_to_its_parameters():
+  """``memory.state_bytes`` on an NNX state (nested, ``Variable``-wrapped): each
+  projected leaf is reported with its rank, its moments and its basis (the basis
+  is keyed by path name in the state), against GaLore's count."""
+  model = NnxModel(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  tx = ol.galore(1e-2, rank=RANK, dimension_numbers=_attention_dims)
+  mem = ol.memory.state_bytes(tx, params)
+  names = {ol.shapes.path_name(p): jnp.shape(x)
+           for p, x in jax.tree.flatten_with_path(params)[0]}
+  by_name = dict(zip(names, mem.leaves))
+  sides = {"embed/embedding": (VOCAB, EMBED), "up/kernel": (EMBED, MLP),
+           "down/kernel": (MLP, EMBED), "head/kernel": (EMBED, VOCAB)}
+  sides.update({k: (EMBED, EMBED) for k in ATTENTION})
+  for name, (n, m) in sides.items():  # moments 2·r·max(m, n), basis r·min(m, n)
+    leaf = by_name[name]
+    assert (leaf.projected, leaf.rank) == (True, RANK), name
+    assert leaf.state_bytes == 4 * (2 * RANK * max(m, n) + RANK * min(m, n)), name
+  assert by_name["head/bias"].state_bytes == 4 * 2 * VOCAB  # full Adam
+  assert not by_name["head/bias"].projected
+  assert mem.shared_bytes == 2 * 4  # the two int32 step counts
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  assert mem.total_bytes == _nnx_state_bytes(optimizer)
+
+
 # ------------------------------------------------------------------------- Linen
 
 
