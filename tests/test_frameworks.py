@@ -365,7 +365,7 @@ def test_equinox_model_trains(name):
 
 # ------------------------------------------- plain pytrees and scanned (MaxText) trees
 
-LAYERS, HEAD_DIM = 3, EMBED // HEADS
+LAYERS, HEAD_DIM = 2, EMBED // HEADS
 # Each weight's layer axis in the scanned tree. MaxText stacks scanned layers on
 # `param_scan_axis` (1 by default, e.g. an MLP kernel (embed, layers, mlp)); other
 # codes stack on axis 0, (layers, embed, mlp). Both occur here.
