@@ -477,3 +477,43 @@ def test_scanned_tree_equals_its_layers_run_unstacked():
         want = np.asarray(want)
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err < 1e-5, (step, i, k, err)
+
+
+# ------------------------------------------------------ optax.inject_hyperparams
+
+
+def test_nnx_optimizer_with_injected_learning_rate():
+  """``optax.inject_hyperparams`` under ``nnx.Optimizer``: the learning rate is an
+  ``OptVariable`` of the optimizer's state, set between jitted steps (no retrace);
+  the shape-fixing arguments and the dimension-numbers function stay static."""
+  tokens, targets = _batch()
+  model = NnxModel(nnx.Rngs(0))
+  tx = optax.inject_hyperparams(
+      ol.galore, static_args=("rank", "update_proj_gap", "dimension_numbers"))(
+      learning_rate=0.0, rank=RANK, update_proj_gap=2,
+      dimension_numbers=_attention_dims)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  assert ATTENTION <= _projected_paths(optimizer.opt_state)
+  traces = []
+
+  @nnx.jit
+  def update(optimizer, model, grads):
+    traces.append(None)  # runs when traced, not when a compiled step runs
+    optimizer.update(model, grads)
+
+  start = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+  loss, grads = _NNX_VALUE_AND_GRAD(model, tokens, targets)
+  update(optimizer, model, grads)  # learning rate 0: nothing moves
+  jax.tree.map(np.testing.assert_array_equal,
+               nnx.to_pure_dict(nnx.state(model, nnx.Param)), start)
+
+  optimizer.opt_state.hyperparams["learning_rate"][...] = 1e-1
+  losses = [float(loss)]
+  for _ in range(STEPS):
+    loss, grads = _NNX_VALUE_AND_GRAD(model, tokens, targets)
+    update(optimizer, model, grads)
+    losses.append(float(loss))
+  losses.append(float(_NNX_VALUE_AND_GRAD(model, tokens, targets)[0]))
+  _assert_falls(losses, "inject_hyperparams(galore)")
+  assert len(traces) == 1  # the new learning rate did not retrace the step
