@@ -28,7 +28,7 @@ import pytest
 
 import optax_lowrank as ol
 from optax_lowrank import DimensionNumbers, projectors, schedules
-from optax_lowrank.projectors.coap import correction_loss_and_grad
+from optax_lowrank.projectors.coap import correction_loss_and_grad, fill_dead_columns
 from tests import hlo, sharded
 from tests.gradients import drifting_low_rank
 from tests.reference import coap as ref
@@ -238,6 +238,78 @@ def test_sharded_matches_unsharded_and_gathers_nothing(mesh):
   assert any(op == "all-reduce" for op, _ in found)  # the parser sees them
   matrices = {k: s for k, s in shapes.items() if len(s) > 1}
   assert not hlo.whole_matrices(found, matrices), found
+
+
+def _two_layer_mlp():
+  """A tanh MLP whose second layer starts at zero: the first layer's gradient is
+  exactly zero at step 0 (it flows back through the second layer's weights)."""
+  rs = np.random.RandomState(0)
+  x = jnp.asarray(rs.randn(64, 32), jnp.float32)
+  y = jnp.asarray(np.tanh(x @ rs.randn(32, 48) / 6) @ rs.randn(48, 16), jnp.float32)
+  params = {"w1": jnp.asarray(rs.randn(32, 48) / np.sqrt(32), jnp.float32),
+            "w2": jnp.zeros((48, 16), jnp.float32)}
+  loss = lambda p: jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
+  return params, loss
+
+
+def _train(tx, params, loss, steps):
+  def step(carry, _):
+    p, s = carry
+    value, g = jax.value_and_grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return (optax.apply_updates(p, u), s), value
+  (p, _), losses = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), None,
+                                                  steps))(params)
+  return p, np.asarray(losses)
+
+
+def test_a_zero_first_gradient_still_trains_the_layer():
+  """Issue 14: the range find of a zero gradient gave a zero basis that every later
+  correction and range find kept, so the layer never moved (``‖ΔW1‖ = 0`` where GaLore
+  moves it by ~4.8). Dead vectors now get a random orthonormal start; the layer moves
+  and the loss falls as much as with GaLore (measured: ‖ΔW1‖ 4.85 vs 4.78, final loss
+  7.46 vs 7.35 from 16.1)."""
+  params, loss = _two_layer_mlp()
+  g0 = jax.grad(loss)(params)["w1"]
+  assert not np.any(np.asarray(g0))  # the premise: an exactly zero first gradient
+  steps = 200
+  kw = dict(rank=4, update_proj_gap=10)
+  ours, our_losses = _train(ol.coap(1e-2, reproject_factor=5, **kw), params, loss, steps)
+  galore, galore_losses = _train(ol.galore(1e-2, **kw), params, loss, steps)
+  moved = float(jnp.linalg.norm(ours["w1"] - params["w1"]))
+  galore_moved = float(jnp.linalg.norm(galore["w1"] - params["w1"]))
+  assert galore_moved > 1.0, galore_moved
+  assert 0.5 * galore_moved < moved < 2.0 * galore_moved, (moved, galore_moved)
+  drop, galore_drop = our_losses[0] - our_losses[-1], galore_losses[0] - galore_losses[-1]
+  assert drop > 0.75 * galore_drop, (our_losses[[0, -1]], galore_losses[[0, -1]])
+  # The first basis (from the zero gradient) is orthonormal, not zero.
+  tx = ol.lowrank_project(optax.scale_by_adam(), RANK, projector=projectors.coap())
+  grads = {"a": jnp.zeros((10, 24))}
+  _, state = jax.jit(tx.update)(grads, tx.init(grads))
+  vh = np.asarray(state.bases["a"].basis.basis.vh, np.float64)
+  np.testing.assert_allclose(vh @ vh.T, np.eye(RANK), atol=1e-6)
+
+
+def test_fill_dead_columns_keeps_live_vectors_and_stays_orthonormal():
+  """Dead (zero or NaN) columns take the previous basis's column if it is live, else a
+  Gaussian one, made orthogonal to the live vectors; live vectors are kept bit for bit."""
+  rs = np.random.RandomState(5)
+  p, r = 40, 4
+  q = np.linalg.qr(rs.randn(p, r))[0].astype(np.float32)
+  prev = np.linalg.qr(rs.randn(p, r))[0].astype(np.float32)
+  vectors = q.copy()
+  vectors[:, 1] = 0.0
+  vectors[:, 3] = np.nan
+  prev[:, 3] = 0.0  # column 3 has no live predecessor: a Gaussian start
+  out = np.asarray(fill_dead_columns(jnp.asarray(vectors), jnp.asarray(prev),
+                                     jax.random.key(0)), np.float64)
+  np.testing.assert_array_equal(out[:, [0, 2]], q[:, [0, 2]])
+  np.testing.assert_allclose(out.T @ out, np.eye(r), atol=1e-6)
+  # Column 1 is the previous column 1 with the live directions projected out.
+  live = q[:, [0, 2]].astype(np.float64)
+  want = prev[:, 1] - live @ (live.T @ prev[:, 1])
+  want /= np.linalg.norm(want)
+  np.testing.assert_allclose(out[:, 1], want, atol=1e-6)
 
 
 def test_errors():

@@ -12,7 +12,8 @@ from optax_lowrank import shapes
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 from optax_lowrank.projectors.online_pca import reconstruction_error
-from optax_lowrank.projectors.randomized_svd import randomized_subspace
+from optax_lowrank.projectors.randomized_svd import (
+    _cholesky_qr2, randomized_subspace)
 from optax_lowrank.projectors.svd import (
     RightBasis, one_sided_like, one_sided_matrix, svd)
 
@@ -39,6 +40,56 @@ class COAPBasis:
 
   basis: Any
   count: jax.Array
+
+
+def _live_columns(x: jax.Array) -> jax.Array:
+  """``(batch..., 1, r)``: whether each column of ``x`` is nonzero and finite."""
+  square = jnp.sum(jnp.square(x), axis=-2, keepdims=True)
+  return jnp.isfinite(square) & (square > 0)
+
+
+def fill_dead_columns(vectors: jax.Array, previous: jax.Array,
+                      key: jax.Array) -> jax.Array:
+  """A range find's basis vectors with its zero or non-finite ones replaced.
+
+  A gradient that is exactly zero (a layer behind a zero-initialized one) or
+  of rank below ``r`` leaves zero vectors from the range finder, and nothing
+  brings them back: the next range find starts from them (``Y = A Ω`` is zero
+  along them), and the correction step's gradient vanishes along a zero row
+  of ``P`` (both of its terms are linear in it). Each dead column is therefore
+  replaced by the previous basis's column of the same index if that one is
+  live (a zero gradient carries no information, so the old direction is
+  kept), else by a Gaussian column drawn from ``key`` (a fresh random start,
+  as at the first range find). The replacements are made orthogonal to the
+  live vectors (projected out twice, "twice is enough") and orthonormal among
+  themselves (CholeskyQR2), so the basis stays orthonormal; live vectors are
+  returned bit for bit. Only contractions over the vectors' length are used,
+  ending in ``r × r`` reductions, so a sharded basis is never gathered.
+
+  Args:
+    vectors: ``(batch..., p, r)`` float32, columns unit or zero.
+    previous: ``(batch..., p, r)``, the basis the range find replaces.
+    key: PRNG key for the Gaussian columns.
+
+  Returns:
+    ``vectors`` with every dead column replaced, same shape and sharding.
+  """
+  spec = shapes.explicit_spec(vectors)
+  batch = None if spec is None else tuple(spec[:-2])
+  small = shapes.out_sharding(None if spec is None else batch + (None, None))
+  same = shapes.out_sharding(spec)
+  live = _live_columns(vectors)
+  kept = jnp.where(live, vectors, 0.0)
+  drawn = jax.random.normal(key, vectors.shape, jnp.float32, out_sharding=same)
+  previous = previous.astype(jnp.float32)
+  fill = jnp.where(_live_columns(previous), previous, drawn)
+  fill = jnp.where(live, 0.0, fill)
+  for _ in range(2):
+    overlap = jnp.einsum("...pk,...pl->...kl", kept, fill, out_sharding=small)
+    fill = fill - jnp.einsum("...pk,...kl->...pl", kept, overlap,
+                             out_sharding=same)
+  fill = _cholesky_qr2(fill, batch)
+  return jnp.where(live, vectors, fill)
 
 
 def _one_minus_mean_cosine(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -209,6 +260,7 @@ def coap(
     # image = Aᵀ Q W: the right singular vectors of QᵀA times their values.
     norm = jnp.sqrt(jnp.sum(jnp.square(image), axis=-2, keepdims=True))
     vectors = image / jnp.where(norm > 0, norm, 1.0)
+    vectors = fill_dead_columns(vectors, previous, jax.random.fold_in(key, 1))
     # The moments stay in the coordinates of the old basis: keep each vector
     # on the side of its predecessor (an SVD's signs are arbitrary).
     agree = jnp.sum(vectors * previous, axis=-2, keepdims=True)
