@@ -28,7 +28,8 @@ import pytest
 
 import optax_lowrank as ol
 from optax_lowrank import DimensionNumbers, projectors, schedules
-from optax_lowrank.projectors.coap import correction_loss_and_grad, fill_dead_columns
+from optax_lowrank.projectors.coap import (
+    correction_loss_and_grad, fill_dead_columns, keep_if_moment_not_finite)
 from tests import hlo, sharded
 from tests.gradients import drifting_low_rank
 from tests.reference import coap as ref
@@ -310,6 +311,35 @@ def test_fill_dead_columns_keeps_live_vectors_and_stays_orthonormal():
   want = prev[:, 1] - live @ (live.T @ prev[:, 1])
   want /= np.linalg.norm(want)
   np.testing.assert_allclose(out[:, 1], want, atol=1e-6)
+
+
+def test_a_non_finite_first_moment_does_not_poison_the_basis():
+  """Issue 14: one NaN gradient leaves Adam's first moment NaN; the next correction
+  read it and turned the basis NaN, and every later range find started from it. Now
+  the correction keeps the basis of a matrix whose moment is not finite, and the next
+  range find (which never reads the moment) equals the float64 reference's warm start
+  from that basis."""
+  tx = ol.lowrank_project(optax.scale_by_adam(), RANK, update_proj_gap=1,
+                          projector=projectors.coap(reproject_factor=FACTOR))
+  grads = make_grads(False, steps=5)
+  state = tx.init(grads[0])
+  update = jax.jit(tx.update)
+  vh = lambda s: np.asarray(s.bases["a"].basis.basis.vh, np.float64)
+  _, state = update(grads[0], state)                  # step 0: range find
+  first = vh(state)
+  bad = {**grads[1], "a": grads[1]["a"].at[0, 0].set(jnp.nan)}
+  _, state = update(bad, state)                       # skipped: G not finite
+  assert np.isnan(np.asarray(state.inner_state.mu["a"])).any()
+  _, state = update(grads[2], state)                  # correction, NaN moment
+  np.testing.assert_array_equal(vh(state), first)     # kept, not NaN
+  _, state = update(grads[3], state)                  # correction again
+  np.testing.assert_array_equal(vh(state), first)
+  _, state = update(grads[4], state)                  # range find from the basis
+  got = vh(state)
+  g = np.asarray(grads[4]["a"], np.float64).T
+  want = ref.coap_orthogonal_matrix(g, RANK, "right", first.T)
+  aligned, _ = ref.align_signs(got, want, "right")
+  np.testing.assert_allclose(aligned, want, atol=1e-5)
 
 
 def test_errors():

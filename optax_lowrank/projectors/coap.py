@@ -92,6 +92,32 @@ def fill_dead_columns(vectors: jax.Array, previous: jax.Array,
   return jnp.where(live, vectors, fill)
 
 
+def keep_if_moment_not_finite(new: jax.Array, old: jax.Array,
+                              moment: jax.Array) -> jax.Array:
+  """``new`` where the first moment of its matrix is finite, else ``old``.
+
+  The correction step reads the inner optimizer's first moment, which one
+  non-finite gradient can leave NaN or infinite for good (while the step's own
+  gradient is finite, so ``lowrank_project``'s guard does not apply). Such a
+  matrix keeps its basis rather than taking a step without the moment term:
+  the step's objective is ``mse · (1 − cos(M P, G))``, undefined without
+  ``M``, and a step on the reconstruction error alone is one COAP never takes
+  (its scale differs by the factor ``1 − cos`` in ``[0, 2]``). Keeping the
+  basis is what a skipped refresh does, and the next range find, which does
+  not read the moment, recomputes it on schedule.
+
+  Args:
+    new: The corrected basis matrix, ``(batch..., a, b)``.
+    old: The basis matrix before the step, same shape.
+    moment: The projected first moment, ``(batch..., c, d)``.
+
+  Returns:
+    ``new`` or ``old`` per matrix of the batch.
+  """
+  finite = jnp.all(jnp.isfinite(moment), axis=(-2, -1), keepdims=True)
+  return jnp.where(finite, new, old)
+
+
 def _one_minus_mean_cosine(x: jax.Array, g: jax.Array) -> jax.Array:
   """``1 − mean_i cos(X_i, G_i)`` over the rows of the references' matrices.
 
@@ -277,7 +303,8 @@ def coap(
     _, grad = correction_loss_and_grad(p, moment, g, side)
     norm = jnp.sqrt(jnp.sum(jnp.square(grad), axis=(-2, -1), keepdims=True))
     clip = jnp.minimum(1.0, max_grad_norm / (norm + CLIP_EPS))
-    return one_sided_like(basis, p - learning_rate * clip * grad)
+    return one_sided_like(basis, keep_if_moment_not_finite(
+        p - learning_rate * clip * grad, p, moment))
 
   def refresh(g, state, key, step, first_moment):
     del step
