@@ -29,7 +29,8 @@ import pytest
 import optax_lowrank as ol
 from optax_lowrank import DimensionNumbers, projectors, schedules
 from optax_lowrank.projectors.coap import (
-    correction_loss_and_grad, fill_dead_columns, keep_if_moment_not_finite)
+    correction_loss_and_grad, correction_step, fill_dead_columns,
+    keep_if_moment_not_finite)
 from tests import hlo, sharded
 from tests.gradients import drifting_low_rank
 from tests.reference import coap as ref
@@ -78,7 +79,7 @@ def first_omegas(shapes, seed=0):
   return out
 
 
-def run_parity(stacked=False, lr=LR, weight_decay=0.0, scale=SCALE):
+def run_parity(stacked=False, lr=LR, weight_decay=0.0, scale=SCALE, grad_scale=1.0):
   shapes = STACKED if stacked else SHAPES
   tx = ol.coap(lr, RANK, update_proj_gap=GAP, reproject_factor=FACTOR, scale=scale,
                b1=B1, b2=B2, eps=EPS, weight_decay=weight_decay,
@@ -104,6 +105,7 @@ def run_parity(stacked=False, lr=LR, weight_decay=0.0, scale=SCALE):
                else [make(omegas[k][l]) for l in range(layers)])
   worst = 0.0
   for t, g in enumerate(make_grads(stacked)):
+    g = jax.tree.map(lambda x: x * np.float32(grad_scale), g)
     lr_t = float(lr(t)) if callable(lr) else lr
     u, state = update(g, state, params)
     for k, shape in shapes.items():
@@ -134,6 +136,36 @@ def test_coap_matches_reference(kind):
   else:
     worst = run_parity(stacked=True, lr=SCHEDULE, weight_decay=WD, scale=1.0)
   print(f"coap {kind}: worst relative error {worst:.2e}")
+
+
+@pytest.mark.parametrize("grad_scale", [1e18, 1e19])
+def test_coap_matches_reference_at_huge_gradients(grad_scale):
+  """Issue 14: from gradients of ~1e17 the correction's squared gradient norm overflowed
+  and the step was NaN (0 · inf), where optax.adamw stays finite. Against the float64
+  reference fed the same (scaled) gradients: the same tolerance as at scale 1 (the
+  inner Adam squares as (1 − b2)·g·g, representable to |g| ≈ 5.8e20; optax.adamw's
+  g² overflows from 1.8e19)."""
+  worst = run_parity(grad_scale=grad_scale)
+  print(f"coap x{grad_scale:.0e}: worst relative error {worst:.2e}")
+
+
+def test_correction_step_is_the_clipped_step_and_scale_free():
+  """``correction_step`` is the plain clipped step bit for bit at ordinary scales, and a
+  gradient and moment multiplied by 2⁷⁰ (~1e21, beyond float32's squares) give the same
+  step as by 2¹⁰ (both clipped), bit for bit: the rescaling is by powers of two."""
+  rs = np.random.RandomState(7)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  g, mom = f32(rs.randn(2, 12, 30)), f32(rs.randn(2, 3, 30))
+  p = f32(np.linalg.qr(rs.randn(2, 12, 3))[0].swapaxes(-1, -2))
+  lr, clip = 0.1, 1.0
+  _, grad = correction_loss_and_grad(p, mom, g, "right")
+  norm = jnp.sqrt(jnp.sum(jnp.square(grad), axis=(-2, -1), keepdims=True))
+  plain = p - lr * jnp.minimum(1.0, clip / (norm + 1e-6)) * grad
+  np.testing.assert_array_equal(correction_step(p, mom, g, "right", lr, clip), plain)
+  small = correction_step(p, mom * 2.0**10, g * 2.0**10, "right", lr, clip)
+  huge = correction_step(p, mom * 2.0**70, g * 2.0**70, "right", lr, clip)
+  assert np.all(np.isfinite(np.asarray(huge)))
+  np.testing.assert_array_equal(huge, small)
 
 
 def test_reference_events_cover_both_corrections():

@@ -118,28 +118,31 @@ def keep_if_moment_not_finite(new: jax.Array, old: jax.Array,
   return jnp.where(finite, new, old)
 
 
-def _one_minus_mean_cosine(x: jax.Array, g: jax.Array) -> jax.Array:
+def _one_minus_mean_cosine(x: jax.Array, g: jax.Array, x_eps=COSINE_EPS,
+                           g_eps=COSINE_EPS) -> jax.Array:
   """``1 − mean_i cos(X_i, G_i)`` over the rows of the references' matrices.
 
   ``x`` and ``g`` are in the parameter's layout ``(batch..., n, m)``, so the
   references' rows (``m`` of them, each of length ``n``) are columns here.
-  Each norm is clamped below at ``COSINE_EPS`` and differentiated as if it
-  were not, as torch's ``cosine_similarity`` does; a zero column has a zero
+  Each norm is clamped below at ``COSINE_EPS`` (``x_eps``, ``g_eps`` for
+  inputs divided by a scale: ``COSINE_EPS / scale``) and differentiated as if
+  it were not, as torch's ``cosine_similarity`` does; a zero column has a zero
   gradient through its norm.
   """
-  def unit(v):
+  def unit(v, eps):
     square = jnp.sum(jnp.square(v), axis=-2, keepdims=True)
     norm = jnp.where(square > 0, jnp.sqrt(jnp.where(square > 0, square, 1.0)),
                      0.0)
-    clamp = jax.lax.stop_gradient(jnp.maximum(norm, COSINE_EPS) - norm)
+    clamp = jax.lax.stop_gradient(jnp.maximum(norm, eps) - norm)
     return v / (norm + clamp)
 
-  cos = jnp.sum(unit(x) * unit(g), axis=-2)  # (batch..., m)
+  cos = jnp.sum(unit(x, x_eps) * unit(g, g_eps), axis=-2)  # (batch..., m)
   return 1.0 - jnp.mean(cos, axis=-1)
 
 
 def correction_loss_and_grad(
-    p: jax.Array, moment: jax.Array, g: jax.Array, side: str
+    p: jax.Array, moment: jax.Array, g: jax.Array, side: str, *,
+    moment_scale=1.0, g_scale=1.0,
 ) -> tuple[jax.Array, jax.Array]:
   """COAP's loss on the basis ``P`` and its gradient in ``P``.
 
@@ -162,6 +165,12 @@ def correction_loss_and_grad(
       m)`` (right) or ``(batch..., n, r)`` (left).
     g: The gradient, ``Gᵀ`` in the parameter's layout ``(batch..., n, m)``.
     side: ``right`` or ``left``.
+    moment_scale: ``moment`` is the first moment divided by this (an array
+      broadcasting against it, or a float); only the cosine's norm clamp
+      depends on it, which becomes ``COSINE_EPS / moment_scale``.
+    g_scale: The same for ``g``. With both scales powers of two, the loss and
+      gradient are those of the unscaled inputs divided by ``g_scale²``
+      exactly (barring underflow), which ``correction_step`` uses.
 
   Returns:
     ``(loss, grad)``: ``(batch...)`` and ``p``'s shape.
@@ -171,7 +180,13 @@ def correction_loss_and_grad(
   mse, mse_grad = error / (m * n), error_grad / (m * n)
   up = matmul.up_right if side == "right" else matmul.up_left
   x = up(p, moment)  # (M P)ᵀ or (P M)ᵀ, (batch..., n, m)
-  cosine_term, vjp = jax.vjp(lambda x: _one_minus_mean_cosine(x, g), x)
+  # Below the smallest normal float a clamp could flush to zero (0/0 on a zero
+  # column); the smallest normal is as good a clamp there.
+  tiny = jnp.finfo(jnp.float32).tiny
+  x_eps = jnp.maximum(COSINE_EPS / moment_scale, tiny)
+  g_eps = jnp.maximum(COSINE_EPS / g_scale, tiny)
+  cosine_term, vjp = jax.vjp(
+      lambda x: _one_minus_mean_cosine(x, g, x_eps, g_eps), x)
   (dx,) = vjp(jnp.ones_like(cosine_term))
   out = shapes.out_sharding(shapes.explicit_spec(p))
   if side == "right":  # X = M P: dL/dP = Mᵀ dL/dX
@@ -184,6 +199,61 @@ def correction_loss_and_grad(
   loss = mse * cosine_term
   grad = cosine_term[expand] * mse_grad + mse[expand] * cosine_grad
   return loss, grad
+
+
+def _power_of_two_scale(x: jax.Array) -> jax.Array:
+  """A power of two within a factor 2 of ``max |x|`` per matrix, ``(batch..., 1, 1)``.
+
+  Dividing by a power of two is exact, so a computation on ``x / scale``
+  rounds as the one on ``x`` (barring overflow and underflow, which is the
+  point). ``1`` for a zero or non-finite matrix.
+  """
+  top = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+  _, exponent = jnp.frexp(top)  # top = f · 2^e, f in [0.5, 1)
+  # 2^(e - 1) <= top: e - 1 <= 127 stays finite for any finite top.
+  scale = jnp.ldexp(jnp.ones_like(top), exponent - 1)
+  return jnp.where((top > 0) & jnp.isfinite(top), scale, 1.0)
+
+
+def correction_step(p: jax.Array, moment: jax.Array, g: jax.Array, side: str,
+                    learning_rate: float, max_grad_norm: float) -> jax.Array:
+  """One clipped gradient step on ``correction_loss_and_grad``, overflow-safe.
+
+  ``P − learning_rate · min(1, max_grad_norm / (‖∇L‖ + CLIP_EPS)) · ∇L``, per
+  matrix (torch's ``clip_grad_norm_``). ``∇L`` grows as ``‖G‖²``, so its
+  squared norm overflowed float32 from gradients of about 1e17 (0 · inf =
+  NaN in the step). Here ``G`` and the moment are divided by powers of two
+  ``s`` and ``s_m`` near their largest entries (``_power_of_two_scale``), the
+  loss's gradient is taken there (``∇L / s²``: the cosine factor does not
+  depend on either scale), and the clip is written in those units:
+  ``(learning_rate · min(s², max_grad_norm / (‖∇L/s²‖ + CLIP_EPS/s²))) ·
+  ∇L/s²``. Every rescaling is by a power of two, so for gradients whose
+  ``s²`` is a normal float (``1e-19 < max |G| < 1e19``) the result is the
+  unscaled formula's bit for bit; beyond, it stays finite for any finite
+  ``G`` (the clip then always binds, and the step is ``learning_rate ·
+  max_grad_norm`` along ``∇L``'s direction, as it would be in exact
+  arithmetic).
+
+  Args:
+    p: The basis matrix, float32, as for ``correction_loss_and_grad``.
+    moment: The projected first moment, float32, finite.
+    g: The gradient ``Gᵀ``, float32, finite.
+    side: ``right`` or ``left``.
+    learning_rate: The step size.
+    max_grad_norm: The clip.
+
+  Returns:
+    The new basis matrix, shaped like ``p``.
+  """
+  g_scale = _power_of_two_scale(g)
+  moment_scale = _power_of_two_scale(moment)
+  _, grad = correction_loss_and_grad(
+      p, moment / moment_scale, g / g_scale, side,
+      moment_scale=moment_scale, g_scale=g_scale)
+  norm = jnp.sqrt(jnp.sum(jnp.square(grad), axis=(-2, -1), keepdims=True))
+  square = jnp.square(g_scale)  # inf beyond 1.8e19: the min picks the clip
+  factor = jnp.minimum(square, max_grad_norm / (norm + CLIP_EPS / square))
+  return p - (learning_rate * factor) * grad
 
 
 def coap(
@@ -300,11 +370,8 @@ def coap(
     basis = state.basis
     side = "right" if isinstance(basis, RightBasis) else "left"
     p = one_sided_matrix(basis).astype(jnp.float32)
-    _, grad = correction_loss_and_grad(p, moment, g, side)
-    norm = jnp.sqrt(jnp.sum(jnp.square(grad), axis=(-2, -1), keepdims=True))
-    clip = jnp.minimum(1.0, max_grad_norm / (norm + CLIP_EPS))
-    return one_sided_like(basis, keep_if_moment_not_finite(
-        p - learning_rate * clip * grad, p, moment))
+    new = correction_step(p, moment, g, side, learning_rate, max_grad_norm)
+    return one_sided_like(basis, keep_if_moment_not_finite(new, p, moment))
 
   def refresh(g, state, key, step, first_moment):
     del step
