@@ -8,7 +8,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from optax_lowrank import shapes
+from optax_lowrank import numerics, shapes
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 from optax_lowrank.projectors.online_pca import reconstruction_error
@@ -43,7 +43,7 @@ class COAPBasis:
 
 
 def _live_columns(x: jax.Array) -> jax.Array:
-  """``(batch..., 1, r)``: whether each column of ``x`` is nonzero and finite."""
+  """``(batch..., 1, r)``: each column of ``x`` is nonzero and finite."""
   square = jnp.sum(jnp.square(x), axis=-2, keepdims=True)
   return jnp.isfinite(square) & (square > 0)
 
@@ -201,20 +201,6 @@ def correction_loss_and_grad(
   return loss, grad
 
 
-def _power_of_two_scale(x: jax.Array) -> jax.Array:
-  """A power of two within a factor 2 of ``max |x|`` per matrix, ``(batch..., 1, 1)``.
-
-  Dividing by a power of two is exact, so a computation on ``x / scale``
-  rounds as the one on ``x`` (barring overflow and underflow, which is the
-  point). ``1`` for a zero or non-finite matrix.
-  """
-  top = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
-  _, exponent = jnp.frexp(top)  # top = f · 2^e, f in [0.5, 1)
-  # 2^(e - 1) <= top: e - 1 <= 127 stays finite for any finite top.
-  scale = jnp.ldexp(jnp.ones_like(top), exponent - 1)
-  return jnp.where((top > 0) & jnp.isfinite(top), scale, 1.0)
-
-
 def correction_step(p: jax.Array, moment: jax.Array, g: jax.Array, side: str,
                     learning_rate: float, max_grad_norm: float) -> jax.Array:
   """One clipped gradient step on ``correction_loss_and_grad``, overflow-safe.
@@ -223,9 +209,10 @@ def correction_step(p: jax.Array, moment: jax.Array, g: jax.Array, side: str,
   matrix (torch's ``clip_grad_norm_``). ``∇L`` grows as ``‖G‖²``, so its
   squared norm overflowed float32 from gradients of about 1e17 (0 · inf =
   NaN in the step). Here ``G`` and the moment are divided by powers of two
-  ``s`` and ``s_m`` near their largest entries (``_power_of_two_scale``), the
-  loss's gradient is taken there (``∇L / s²``: the cosine factor does not
-  depend on either scale), and the clip is written in those units:
+  ``s`` and ``s_m`` near their largest entries
+  (``numerics.power_of_two_scale``), the loss's gradient is taken there
+  (``∇L / s²``: the cosine factor does not depend on either scale), and the
+  clip is written in those units:
   ``(learning_rate · min(s², max_grad_norm / (‖∇L/s²‖ + CLIP_EPS/s²))) ·
   ∇L/s²``. Every rescaling is by a power of two, so for gradients whose
   ``s²`` is a normal float (``1e-19 < max |G| < 1e19``) the result is the
@@ -245,8 +232,8 @@ def correction_step(p: jax.Array, moment: jax.Array, g: jax.Array, side: str,
   Returns:
     The new basis matrix, shaped like ``p``.
   """
-  g_scale = _power_of_two_scale(g)
-  moment_scale = _power_of_two_scale(moment)
+  g_scale = numerics.power_of_two_scale(g)
+  moment_scale = numerics.power_of_two_scale(moment)
   _, grad = correction_loss_and_grad(
       p, moment / moment_scale, g / g_scale, side,
       moment_scale=moment_scale, g_scale=g_scale)
