@@ -281,6 +281,15 @@ def coap(
   recomputation: here each recomputed vector has a non-negative inner product
   with the one it replaces, so a moment keeps pointing the same way.
 
+  Three safeguards the code does not have: a range find that leaves zero or
+  non-finite vectors (a zero gradient, e.g. behind a zero-initialized layer)
+  fills them from the previous basis or a fresh Gaussian draw
+  (``fill_dead_columns``), since nothing would revive them; a correction whose
+  first moment is not finite keeps the basis (``keep_if_moment_not_finite``);
+  and the correction is computed on power-of-two rescaled inputs
+  (``correction_step``), the same step bit for bit where the plain one is
+  finite and a finite one for any finite gradient.
+
   Args:
     reproject_factor: Every how many refreshes the basis is recomputed.
     proj_type: ``std`` (the code: the right side when ``m >= n``),
