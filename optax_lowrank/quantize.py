@@ -348,18 +348,36 @@ def _is_float_array(x) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def dequantize_tree(tree: Any) -> Any:
+def dequantize_tree(tree: Any, like: Any = None) -> Any:
   """``tree`` with every ``QuantizedArray`` in it dequantized.
 
   Args:
     tree: Any pytree.
+    like: Optional: a tree with the structure of the result whose leaves give
+      the shardings to return the dequantized arrays with under explicit
+      mesh axes (arrays or ``jax.ShapeDtypeStruct``s, e.g. from
+      ``jax.eval_shape``, or ``PartitionSpec``s); ``dequantize`` alone keeps
+      only the shardings the codes kept. Ignored without a mesh and under
+      Auto axes.
 
   Returns:
     The same tree, ``QuantizedArray`` nodes replaced by the arrays they store.
   """
-  return jax.tree.map(
+  out = jax.tree.map(
       lambda x: dequantize(x) if _is_quantized(x) else x, tree,
       is_leaf=_is_quantized)
+  if like is None:
+    return out
+
+  def restore(q, x, target):
+    if not _is_quantized(q):
+      return x
+    if isinstance(target, P):
+      return shapes.reshard_to(x, tuple(target)) if shapes.explicit_spec(
+          x) is not None else x
+    return shapes.reshard_like(x, target)
+
+  return jax.tree.map(restore, tree, out, like, is_leaf=_is_quantized)
 
 
 def quantize_state(
@@ -462,7 +480,7 @@ def quantize_state(
     return compress(tx.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    view = dequantize_tree(state)
+    like = None
     if any(shapes.explicit_spec(u) is not None
            for u in jax.tree.leaves(updates)) and any(
                _is_quantized(x)
@@ -471,10 +489,8 @@ def quantize_state(
       # them back those ``init`` gives (read off its abstract evaluation on
       # the updates, which are sharded like the parameters).
       like = jax.eval_shape(tx.init, updates)
-      view = jax.tree.map(
-          lambda q, x, l: shapes.reshard_like(x, l) if _is_quantized(q) else x,
-          state, view, like, is_leaf=_is_quantized)
-    updates, new_state = tx.update(updates, view, params, **extra_args)
+    updates, new_state = tx.update(
+        updates, dequantize_tree(state, like), params, **extra_args)
     new_state = jax.tree.map(
         lambda old, x: requantize(old, x) if _is_quantized(old) else x,
         state, new_state, is_leaf=_is_quantized)

@@ -450,6 +450,22 @@ def test_sharded_states_keep_their_types(mesh):
     assert jax.typeof(qz.dequantize(mu)).sharding.spec == spec
 
 
+def test_dequantize_keeps_the_codes_shardings_and_restores_a_given_one(mesh):
+  """A (4, 64) array sharded on its last axis is one 256-block, stored whole: the state
+  records no sharding, so ``dequantize`` returns it unsharded, and ``dequantize_tree``
+  with ``like`` (an array, its abstract value or a spec) gives the sharding back."""
+  x = jax.random.normal(jax.random.key(0), (4, 64))
+  with jax.set_mesh(mesh):
+    sx = jax.device_put(x, NamedSharding(mesh, P(None, "a")))
+    q = jax.jit(qz.quantize)(sx)
+    assert q.codes.shape == (1, 256)
+    assert jax.typeof(qz.dequantize(q)).sharding.spec == P(None, None)
+    for like in (sx, jax.eval_shape(lambda: sx), P(None, "a")):
+      back = jax.jit(lambda q: qz.dequantize_tree({"x": q}, {"x": like}))(q)["x"]
+      assert jax.typeof(back).sharding.spec == P(None, "a")
+      np.testing.assert_array_equal(back, qz.dequantize(qz.quantize(x)))
+
+
 # ---------------------------------------------------------------------------
 # Arguments.
 
