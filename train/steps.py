@@ -46,6 +46,14 @@ def make_loss_fn(graphdef) -> Callable[[Any, jax.Array], jax.Array]:
   return loss_fn
 
 
+def place(x: jax.Array, spec: P) -> jax.Array:
+  """`x` laid out as `spec` over the current mesh: `reshard` where the mesh's axes are
+  Explicit, a sharding constraint (the compiler's choice elsewhere) where they are Auto."""
+  if shd.is_explicit(jax.sharding.get_abstract_mesh()):
+    return jax.sharding.reshard(x, spec)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs=None, *,
                  store: Callable[[Any], Any] | None = None):
   """init(key) → train state; params are resharded to their specs where they are born.
@@ -55,7 +63,7 @@ def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs
     model = Llama(cfg, rngs=nnx.Rngs(params=key))
     params = pure_dict(nnx.state(model, nnx.Param))
     if param_specs is not None:
-      params = jax.tree.map(jax.sharding.reshard, params, param_specs)
+      params = jax.tree.map(place, params, param_specs)
     opt_state = tx.init(params)
     if store is not None:
       params = store(params)
@@ -156,13 +164,15 @@ def state_shardings(cfg: LlamaConfig, tx, mesh, rules=shd.RULES, *, store=None):
 
   Parameter specs come from the logical names through `rules`; optimizer-state shardings
   are read off `jax.eval_shape` of `init` on the Explicit mesh, where every state leaf
-  that is a function of a parameter inherits that parameter's sharding. `store`: as in
-  `make_init_fn`.
+  that is a function of a parameter inherits that parameter's sharding. The mesh's axes
+  may be Explicit or Auto. `store`: as in `make_init_fn`.
   """
   _, abstract = abstract_model(cfg)
   specs = pure_dict(shd.param_specs(nnx.state(abstract, nnx.Param), rules, mesh))
   init = make_init_fn(cfg, tx, specs, store=store)
-  with shd.set_mesh(mesh):
+  # Shardings are read off the types of an Explicit twin of the mesh (same devices and
+  # axes); under an Auto mesh the same specs are then imposed on the jitted functions.
+  with shd.set_mesh(shd.as_explicit(mesh)):
     abstract_state = jax.eval_shape(init, jax.random.key(0))
 
   def sharding_of(leaf):
