@@ -25,12 +25,22 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from train import validate
+
 MANIFEST = "SHA256SUMS"
 DAMAGED = "damaged"
 
 
+class ResumeError(Exception):
+  """No checkpoint to resume from that fits this run (one line saying why)."""
+
+
 class SaveError(Exception):
-  """A save that failed (disk full, ...): the message says which step and why."""
+  """A save of `step` that failed (disk full, ...): the message says which and why."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def _sha256(path: str) -> str:
@@ -179,6 +189,63 @@ class Checkpointer:
           f"{dest} and fell back to the previous step")
     return None
 
+  # resuming
+
+  def resume_step(self, flags: dict, say=print, below: int | None = None) -> int | None:
+    """The newest intact step (below `below`) whose stored flags fit `flags` (this run's,
+    `validate.flags_of`); None if there is no step at all. A changed flag that shapes the
+    train state raises `ResumeError` naming it; other changes are said in one line."""
+    had = self.steps()
+    step = self.newest_intact(say, below)
+    if step is None:
+      if had:
+        raise ResumeError(
+            f"--ckpt-dir: no intact checkpoint left in {self.directory} (damaged ones were "
+            f"moved to {os.path.join(self.directory, DAMAGED)}); use another --ckpt-dir to "
+            "start afresh")
+      return None
+    saved = self.flags(step)
+    if saved is None:
+      say(f"checkpoint step {step} stores no flags (an older trainer): not compared")
+      return step
+    error, changes = validate.resume_changes(saved, flags)
+    if error:
+      raise ResumeError(error)
+    if changes:
+      say(f"resuming step {step} with changed flags: {'; '.join(changes)}")
+    if not self.checksummed(step):
+      say(f"checkpoint step {step} has no {MANIFEST} (written before checksums, or killed "
+          "before they were): restoring it unverified")
+    return step
+
+  def restore_fitting(self, abstract_state: dict, step: int, flags: dict, say=print, *,
+                      health=None):
+    """(state, step): `step` restored, or the newest intact step before it if `step`
+    cannot be read (moved to `damaged/` with one line). A train state that does not fit
+    `abstract_state` raises `ResumeError` naming the first differing array; one without
+    `health` (an older trainer's) gets `health()`."""
+    bare = {k: v for k, v in abstract_state.items() if k != "health"}
+    while True:
+      try:
+        why = self.mismatch(step, abstract_state)
+        if why is None:
+          return self.restore(abstract_state, step), step
+        if health is not None and self.mismatch(step, bare) is None:
+          say(f"checkpoint step {step} has no health counters (an older trainer): they "
+              "start afresh")
+          return {**self.restore(bare, step), "health": health()}, step
+      except Exception as e:  # noqa: BLE001 - unreadable: damaged
+        dest = self.quarantine(step)
+        say(f"checkpoint step {step} in {self.directory} cannot be restored "
+            f"({_first_line(e)}); moved it to {dest} and fell back to the previous step")
+        step = self.resume_step(flags, say, below=step)
+        if step is None:
+          raise ResumeError(f"--ckpt-dir: no intact checkpoint left in {self.directory}")
+        continue
+      _, changes = validate.resume_changes(self.flags(step) or {}, flags)
+      raise ResumeError(f"--ckpt-dir: the train state of step {step} does not fit this run "
+                        f"({why}); flags changed since: {'; '.join(changes) or 'none'}")
+
   # writing
 
   def confirm(self, step: int) -> None:
@@ -192,17 +259,27 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, flags: dict | None = None) -> bool:
     """Starts saving `state` as `step` (after finishing the previous save); False if the
-    step exists. Raises `SaveError`, the earlier steps left in place."""
-    self.finish()
+    step exists. Raises `SaveError` (for this save, or else for the previous one, after
+    this one has started), the earlier steps left in place."""
+    earlier = None
+    try:
+      self.finish()
+    except SaveError as e:
+      earlier = e
     if step in self._manager.all_steps():
+      if earlier:
+        raise earlier
       return False
     try:
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
                          custom_metadata={"flags": flags} if flags else None)
     except Exception as e:  # noqa: BLE001 - OSError(ENOSPC), tensorstore errors, ...
       self._discard(step)
-      raise SaveError(self._failed(step, e)) from e
+      message = self._failed(step, e)
+      raise SaveError(f"{earlier}; {message}" if earlier else message, step) from e
     self._pending = step
+    if earlier:
+      raise earlier
     return True
 
   def finish(self) -> None:
@@ -219,7 +296,7 @@ class Checkpointer:
         self._write_manifest(step)
     except Exception as e:  # noqa: BLE001
       self._discard(step)
-      raise SaveError(self._failed(step, e)) from e
+      raise SaveError(self._failed(step, e), step) from e
     self._rotate()
 
   def _write_manifest(self, step: int) -> None:

@@ -272,63 +272,6 @@ def _write_json(path: str, value) -> None:
     fail(f"--out: cannot write {path}: {e.strerror or e}")
 
 
-def _resume_step(ckpt, args, say, below: int | None = None) -> int | None:
-  """The newest intact checkpoint (below `below`) whose flags fit this run's (a changed
-  shape-defining flag ends the run with one line; other changes are named in one line)."""
-  from train import validate
-  had = ckpt.steps()
-  step = ckpt.newest_intact(say, below)
-  if step is None:
-    if had:
-      fail(f"--ckpt-dir: no intact checkpoint left in {args.ckpt_dir} (damaged ones were "
-           f"moved to {os.path.join(args.ckpt_dir, 'damaged')}); choose another --ckpt-dir "
-           "to start afresh")
-    return None
-  saved = ckpt.flags(step)
-  if saved is None:
-    say(f"checkpoint step {step} stores no flags (an older trainer): not compared")
-    return step
-  error, changes = validate.resume_changes(saved, validate.flags_of(args))
-  if error:
-    fail(error)
-  if changes:
-    say(f"resuming step {step} with changed flags: {'; '.join(changes)}")
-  if not ckpt.checksummed(step):
-    say(f"checkpoint step {step} has no SHA256SUMS (written before checksums, or killed "
-        "before they were): restoring it unverified")
-  return step
-
-
-def _restore(ckpt, step, abstract_state, args, say, health):
-  """(state, step): `step` restored, or the newest intact step before it where a step
-  cannot be read (moved to `damaged/` with one line); a train state that does not fit
-  this run ends it with one line. A state without `health` (an older trainer's) gets
-  `health()`."""
-  from train import validate
-  bare = {k: v for k, v in abstract_state.items() if k != "health"}
-  while True:
-    try:
-      why = ckpt.mismatch(step, abstract_state)
-      if why is None:
-        return ckpt.restore(abstract_state, step), step
-      if ckpt.mismatch(step, bare) is None:
-        say(f"checkpoint step {step} has no health counters (an older trainer): they "
-            "start afresh")
-        return {**ckpt.restore(bare, step), "health": health()}, step
-    except Exception as e:  # noqa: BLE001 - unreadable: damaged
-      text = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-      dest = ckpt.quarantine(step)
-      say(f"checkpoint step {step} in {args.ckpt_dir} cannot be restored ({text}); moved "
-          f"it to {dest} and fell back to the previous step")
-      step = _resume_step(ckpt, args, say, below=step)
-      if step is None:
-        fail(f"--ckpt-dir: no intact checkpoint left in {args.ckpt_dir}")
-      continue
-    _, changes = validate.resume_changes(ckpt.flags(step) or {}, validate.flags_of(args))
-    fail(f"--ckpt-dir: the train state of step {step} does not fit this run ({why}); "
-         f"flags changed since: {'; '.join(changes) or 'none'}")
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
   maybe_initialize_distributed()
   args = parse_args(argv)
@@ -348,10 +291,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
   lead = jax.process_index() == 0
   say = print if lead else (lambda *a, **k: None)
   ckpt = resume = None
+  flags = validate.flags_of(args)
   if args.ckpt_dir:
-    from train.checkpoint import Checkpointer, SaveError
+    from train.checkpoint import Checkpointer, ResumeError, SaveError
     ckpt = Checkpointer(args.ckpt_dir, keep=args.keep, every=args.ckpt_every, lead=lead)
-    resume = _resume_step(ckpt, args, say)
+    try:  # the newest intact step, its flags compared with this run's
+      resume = ckpt.resume_step(flags, say)
+    except ResumeError as e:
+      fail(str(e))
   tokenizer = data.BPETokenizer(args.tokenizer) if args.tokenizer else None
   try:
     corpus = data.load_corpus(args.data, tokenizer=tokenizer, data_dtype=args.data_dtype,
@@ -433,13 +380,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
   os.makedirs(args.out, exist_ok=True)
   batch_sharding = steps.batch_sharding(mesh)
   eval_sharding = steps.batch_sharding(mesh, micro_batched=False)
-  flags = validate.flags_of(args)
 
   with shd.set_mesh(mesh):
     if resume is not None:
-      state, resume = _restore(
-          ckpt, resume, abstract_state, args, say,
-          lambda: jax.device_put(guard.init(), shardings["health"]))
+      try:
+        state, resume = ckpt.restore_fitting(
+            abstract_state, resume, flags, say,
+            health=lambda: jax.device_put(guard.init(), shardings["health"]))
+      except ResumeError as e:
+        fail(str(e))
       say(f"resumed from {args.ckpt_dir} at step {resume}")
     else:
       state = jax.jit(init, out_shardings=shardings)(jax.random.key(args.seed))
@@ -518,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ckpt.save(step_done, state, flags)
       except SaveError as e:
         note(f"warning: {e}")
-        return False
+        return e.step != step_done  # else only the previous save failed
       return True
 
     step, stop, saved = start, None, True
@@ -558,29 +507,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
       finally:
         bar.close()
       if watch.diverged:
-        _diverged(ckpt, watch, step, log, args)
+        _diverged(ckpt, watch, step, log)
+      problem = None
       if stop:
-        close_checkpoints(ckpt, log)
         if ckpt and not saved:
-          fail(f"stopped ({stop}) at step {step} without a checkpoint (see above)")
+          problem = f"stopped ({stop}) at step {step} without a checkpoint (see above)"
+      elif not watch.healthy:
+        problem = (f"step {step}: the last {watch.streak} step(s) were not finite (updates "
+                   "skipped); no final checkpoint")
+      else:
+        val_loss, val_ppl = evaluate(state["params"])
+        log.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+        if not math.isfinite(val_loss):
+          problem = f"step {step}: the final validation loss is {val_loss}; no checkpoint"
+        elif ckpt and not save(step):
+          problem = f"step {step}: the final checkpoint was not saved (see above)"
+      close_checkpoints(ckpt, log)
+      if problem:
+        fail(problem + _last_healthy(ckpt))
+      if stop:
         say(f"stopped ({stop}) at step {step}"
             + (f"; checkpoint saved in {args.ckpt_dir}" if ckpt else ""))
         return {"step": step, "interrupted": True}
-      if not watch.healthy:
-        close_checkpoints(ckpt, log)
-        fail(f"step {step}: the last {watch.streak} step(s) were not finite (updates "
-             f"skipped); no final checkpoint{_last_healthy(ckpt)}")
-      val_loss, val_ppl = evaluate(state["params"])
-      log.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
-      if not math.isfinite(val_loss):
-        close_checkpoints(ckpt, log)
-        fail(f"step {step}: the final validation loss is {val_loss}; no final "
-             f"checkpoint{_last_healthy(ckpt)}")
-      if ckpt and not save(step):
-        close_checkpoints(ckpt, log)
-        fail(f"step {step}: the final checkpoint was not saved (see above)"
-             f"{_last_healthy(ckpt)}")
-      close_checkpoints(ckpt, log)
 
   plot = os.path.join(args.out, "loss.png")
   if lead:
@@ -617,7 +565,7 @@ def _last_healthy(ckpt) -> str:
           else f"; no checkpoint in {ckpt.directory}")
 
 
-def _diverged(ckpt, watch, step, log, args) -> None:
+def _diverged(ckpt, watch, step, log) -> None:
   """Ends a run whose last `--max-nonfinite-steps` steps were all non-finite. Skipped
   steps leave the state as it was, so these steps all ran from the state of step
   `first_bad - 1`: a checkpoint of that step is moved to `damaged/`."""
