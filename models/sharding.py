@@ -147,13 +147,23 @@ def named(mesh, specs):
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def is_explicit(mesh) -> bool:
+  """Whether `mesh` (concrete or abstract) has an Explicit axis."""
+  if mesh is None or mesh.empty:
+    return False
+  return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def as_explicit(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """`mesh` with every axis Explicit (same devices and names)."""
+  kind = jax.sharding.AxisType.Explicit
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                           axis_types=(kind,) * len(mesh.axis_names))
+
+
 def _explicit_mesh():
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return None
-  if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    return None
-  return mesh
+  return mesh if is_explicit(mesh) else None
 
 
 def activation_spec(shape: Sequence[int], *names: str | None,

@@ -58,7 +58,10 @@ def test_galore_scanned_step_on_8_devices_equals_one_device():
   """One train step of GaLore (its gradients recorded first) on stacked layers, sharded
   fsdp×tensor, equals the same step on one device: loss, gradients, weights. GaLore's
   unprojected leaves (embedding, norms, LM head) take plain Adam steps with moments
-  sharded like the parameters, so this also covers the sharded AdamW step."""
+  sharded like the parameters, so this also covers the sharded AdamW step. The 8-device
+  step runs twice: on a mesh of Explicit axes (the trainer's default) and on one of Auto
+  axes (MaxText's default, `--shard-mode auto`), where the compiler propagates the specs
+  the trainer gives the state."""
   import optax_lowrank
   assert jax.device_count() == 8, "conftest must simulate 8 CPU devices"
   abstract = pure_dict(nnx.state(steps.abstract_model(CFG)[1], nnx.Param))
@@ -68,7 +71,13 @@ def test_galore_scanned_step_on_8_devices_equals_one_device():
   batch = _batch(8, seed=3)
   one = shd.make_mesh({}, devices=jax.devices()[:1])
   params, single, m1, _ = _run_step(CFG, tx, one, batch)
-  mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
+  for explicit in (True, False):
+    mesh = shd.make_mesh({"fsdp": 4, "tensor": 2}, explicit=explicit)
+    _check_sharded_step(tx, mesh, batch, params, single, m1, mask)
+
+
+def _check_sharded_step(tx, mesh, batch, params, single, m1, mask):
+  """The step on `mesh` from `params` equals the one-device step (`single`, `m1`)."""
   _, sharded, m8, live = _run_step(CFG, tx, mesh, batch, params=params)
   # the 8-device state really is sharded along both mesh axes: weights and moments
   q = live["params"]["layers"]["attn"]["q"]["kernel"]

@@ -106,15 +106,33 @@ def stdlib_documents(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[tuple[str, s
   return docs
 
 
+class DataError(ValueError):
+  """A data file that cannot be read as a corpus; the message names the file and line."""
+
+
+def _jsonl_documents(path: str) -> list[tuple[str, str]]:
+  docs = []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for i, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{i + 1}: invalid JSON ({e.msg}, column {e.colno})") from None
+      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError(f"{path}:{i + 1}: expected a JSON object with a string field "
+                        "\"text\"")
+      docs.append((f"{i}", record["text"]))
+  return docs
+
+
 def file_documents(path: str) -> list[tuple[str, str]]:
-  """(name, text) documents of a .txt (8 KiB chunks cut at newlines) or .jsonl (`text`)."""
+  """(name, text) documents of a .txt (8 KiB chunks cut at newlines) or .jsonl (`text`);
+  a line of a .jsonl that is not a JSON object with a string `text` raises `DataError`
+  naming the file and the line."""
   if path.endswith(".jsonl"):
-    docs = []
-    with open(path, encoding="utf-8") as f:
-      for i, line in enumerate(f):
-        if line.strip():
-          docs.append((f"{i}", json.loads(line)["text"]))
-    return docs
+    return _jsonl_documents(path)
   with open(path, encoding="utf-8", errors="replace") as f:
     text = f.read()
   docs, start = [], 0
@@ -147,6 +165,8 @@ def load_corpus(data: str | None = None, *, tokenizer=None, data_dtype: str = "u
   """Loads and tokenizes the corpus; `.bin` files are already token ids (`data_dtype`)."""
   if data is not None and data.endswith(".bin"):
     tokens = np.fromfile(data, dtype=np.dtype(data_dtype))
+    if not len(tokens):
+      raise DataError(f"{data}: no tokens (the file is empty)")
     blocks = [tokens[i:i + BIN_BLOCK_TOKENS] for i in range(0, len(tokens), BIN_BLOCK_TOKENS)]
     train, val = ([block for _, block in part] for part in
                   split_documents([(f"block{i}", b) for i, b in enumerate(blocks)], val_fraction))

@@ -24,9 +24,16 @@ def register(name: str):
   return wrap
 
 
+# The low-rank flags: refused by optimizers that do not take them (adamw takes none).
+LOWRANK_FLAGS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
 @register("adamw")
 def adamw(args, schedule, mask, dims):
   del mask, dims
+  error = refused_flags("adamw", args)
+  if error:
+    raise ValueError(error)
   default = lambda value, fallback: fallback if value is None else value
   return optax.adamw(schedule, b1=default(args.b1, 0.9), b2=default(args.b2, 0.999),
                      eps=default(args.eps, 1e-6), weight_decay=args.weight_decay)
@@ -47,28 +54,57 @@ def _library_registry() -> dict[str, Callable]:
   return dict(registry) if isinstance(registry, dict) else {}
 
 
+def _offered(args, mask=None, dims=None) -> dict[str, Any]:
+  """The keyword arguments the flags offer a library factory (unset flags left out)."""
+  offered = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
+                 proj_type=args.proj_type, b1=args.b1, b2=args.b2, eps=args.eps,
+                 weight_decay=args.weight_decay, mask=mask, dimension_numbers=dims,
+                 peak_learning_rate=args.lr)
+  return {k: v for k, v in offered.items() if v is not None}
+
+
+def _refused(factory: Callable, args) -> str | None:
+  """Why the flags do not fit `factory` (a flag set that it does not take), or None."""
+  takes = set(inspect.signature(factory).parameters) - {"learning_rate"}
+  # Unset flags (None) leave the optimizer's own defaults in place; a flag the user
+  # set that the optimizer does not take is an error, not silently dropped.
+  dropped = sorted(k for k in _offered(args) if k not in takes and k not in _ALWAYS)
+  if dropped:
+    flags = ", ".join("--" + k.replace("_", "-") for k in dropped)
+    return (f"{factory.__name__} takes no {flags}; its arguments are {sorted(takes)} "
+            "(pass others with --opt-args K=V)")
+  unknown = sorted(k for k in (getattr(args, "opt_args", None) or {}) if k not in takes)
+  if unknown:
+    return (f"--opt-args: {factory.__name__} takes no {unknown}; its arguments are "
+            f"{sorted(takes)}")
+  return None
+
+
+def refused_flags(name: str, args) -> str | None:
+  """Why the flags do not fit optimizer `name` (checked before anything is built)."""
+  if name == "adamw":
+    given = [k for k in LOWRANK_FLAGS if getattr(args, k, None) is not None]
+    given += ["opt_args"] if getattr(args, "opt_args", None) else []
+    if given:
+      flags = ", ".join("--" + k.replace("_", "-") for k in given)
+      return f"adamw takes no {flags} (they are for the low-rank optimizers)"
+    return None
+  factory = _library_registry().get(name)
+  if factory is None and name == "galore":  # the built-in wraps the library's galore
+    import optax_lowrank
+    factory = optax_lowrank.galore
+  return None if factory is None else _refused(factory, args)
+
+
 def _from_library(factory: Callable) -> Factory:
   """Adapts a library factory `f(learning_rate, **hyper)`: passes the flags it accepts."""
   def build(args, schedule, mask, dims):
-    offered = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
-                   proj_type=args.proj_type, b1=args.b1, b2=args.b2, eps=args.eps,
-                   weight_decay=args.weight_decay, mask=mask, dimension_numbers=dims,
-                   peak_learning_rate=args.lr)
-    takes = set(inspect.signature(factory).parameters) - {"learning_rate"}
-    # Unset flags (None) leave the optimizer's own defaults in place; a flag the user
-    # set that the optimizer does not take is an error, not silently dropped.
-    kwargs = {k: v for k, v in offered.items() if v is not None}
-    dropped = sorted(k for k in kwargs if k not in takes and k not in _ALWAYS)
-    if dropped:
-      flags = ", ".join("--" + k.replace("_", "-") for k in dropped)
-      raise ValueError(f"{factory.__name__} takes no {flags}; its arguments are "
-                       f"{sorted(takes)} (pass others with --opt-args K=V)")
-    kwargs = {k: v for k, v in kwargs.items() if k in takes}
+    error = _refused(factory, args)
+    if error:
+      raise ValueError(error)
+    takes = set(inspect.signature(factory).parameters)
+    kwargs = {k: v for k, v in _offered(args, mask, dims).items() if k in takes}
     extra = dict(getattr(args, "opt_args", None) or {})
-    unknown = sorted(k for k in extra if k not in takes)
-    if unknown:
-      raise ValueError(f"--opt-args: {factory.__name__} takes no {unknown}; its "
-                       f"arguments are {sorted(takes)}")
     return factory(schedule, **{**kwargs, **extra})
   return build
 

@@ -14,15 +14,19 @@ METRICS = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
-  """(train records, eval records) from a run directory's metrics.jsonl."""
+  """(train records, eval records) from a run directory's metrics.jsonl (unreadable
+  lines, e.g. one torn by a kill, are skipped)."""
   path = os.path.join(run_dir, METRICS)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found (is {run_dir!r} a run directory?)")
   train, evals = [], []
   with open(path) as f:
     for line in f:
-      if line.strip():
+      try:
         record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict):
         (evals if "val_loss" in record else train).append(record)
   return train, evals
 

@@ -1,7 +1,8 @@
 """The model side of training: train state, loss, the train and eval steps.
 
-The train state is a plain dict `{"step", "params", "opt_state"}` of arrays, so Orbax
-saves it as-is and the optimizer sees the pure-dict parameter tree (the tree that
+The train state is a plain dict `{"step", "params", "opt_state"}` of arrays (plus
+`"health"`, the counters of a `train.faults.Guard`, when the step has one), so Orbax saves
+it as-is and the optimizer sees the pure-dict parameter tree (the tree that
 `models.lowrank_spec` describes).
 """
 
@@ -19,6 +20,7 @@ from models import sharding as shd
 from models.config import LlamaConfig
 from models.llama import Llama
 from models.lowrank import pure_dict
+from train.faults import Guard
 
 State = dict[str, Any]
 
@@ -46,29 +48,60 @@ def make_loss_fn(graphdef) -> Callable[[Any, jax.Array], jax.Array]:
   return loss_fn
 
 
+def place(x: jax.Array, spec: P) -> jax.Array:
+  """`x` laid out as `spec` over the current mesh: `reshard` where the mesh's axes are
+  Explicit, a sharding constraint (the compiler's choice elsewhere) where they are Auto."""
+  if shd.is_explicit(jax.sharding.get_abstract_mesh()):
+    return jax.sharding.reshard(x, spec)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs=None, *,
-                 store: Callable[[Any], Any] | None = None):
+                 store: Callable[[Any], Any] | None = None, guard: Guard | None = None):
   """init(key) → train state; params are resharded to their specs where they are born.
   `store` (e.g. `weight_quant.Int8Weights.store`) maps the float params to the stored
-  ones after the optimizer's init."""
+  ones after the optimizer's init; with a `guard` the state has its `health` entry."""
   def init(key):
     model = Llama(cfg, rngs=nnx.Rngs(params=key))
     params = pure_dict(nnx.state(model, nnx.Param))
     if param_specs is not None:
-      params = jax.tree.map(jax.sharding.reshard, params, param_specs)
+      params = jax.tree.map(place, params, param_specs)
     opt_state = tx.init(params)
     if store is not None:
       params = store(params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+    if guard is not None:
+      state["health"] = guard.init()
+    return state
   return init
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None):
+def _guarded(guard, state, loss, norm, apply):
+  """`apply()` → (params, opt_state), run only when `guard` passes the step (else the
+  state's own), the new health, and the guard's metrics."""
+  if guard is None:
+    return (*apply(), None, {})
+  ok, health, metrics = guard(state["health"], loss, norm)
+  params, opt_state = jax.lax.cond(ok, apply, lambda: (state["params"], state["opt_state"]))
+  return params, opt_state, health, metrics
+
+
+def _new_state(state, params, opt_state, health):
+  new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+  if health is not None:
+    new["health"] = health
+  return new
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None,
+                    guard: Guard | None = None):
   """step(state, batch (k, b/k, T+1)) → (state, metrics).
 
   The k micro-batches are scanned inside the step (gradient accumulation): gradients and
   losses are summed in float32 and divided by k, which equals one step on the whole batch
-  because every micro-batch has the same number of tokens.
+  because every micro-batch has the same number of tokens. With a `guard`
+  (`train.faults.Guard`), a step it rejects (a non-finite loss or gradient norm, a spike)
+  leaves the parameters and the optimizer state as they were.
   """
   grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
 
@@ -86,18 +119,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None):
     k = batch.shape[0]
     loss = loss / k
     grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    norm = optax.tree.norm(grads)
+
+    def apply():
+      updates, opt_state = tx.update(grads, state["opt_state"], params)
+      return optax.apply_updates(params, updates), opt_state
+
+    new_params, opt_state, health, checks = _guarded(guard, state, loss, norm, apply)
+    metrics = {"loss": loss, "grad_norm": norm, **checks}
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
-    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
-    return new_state, metrics
+    return _new_state(state, new_params, opt_state, health), metrics
 
   return step
 
 
-def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0):
+def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0,
+                             guard: Guard | None = None):
   """step(state, batch (k, b/k, T+1)) → (state, metrics), accumulating in the subspace.
 
   `tx` is an `optax_lowrank.MultiSteps` over k micro-batches: each micro-batch's gradient
@@ -105,7 +143,8 @@ def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0):
   accumulator; the last micro-batch's `tx.update` runs the optimizer on the means. With
   `clip > 0` each micro-batch's gradient is clipped to that global norm before it is
   accumulated (the mean's full gradient is never formed, so it cannot be clipped as a
-  whole); `micro_grad_norm` logs the mean norm of the micro-batch gradients.
+  whole); `micro_grad_norm` logs the mean norm of the micro-batch gradients, which is
+  also what a `guard` checks (with the loss); a rejected step drops the accumulators.
   """
   grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
 
@@ -130,14 +169,18 @@ def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0):
     (loss, norm, opt_state), _ = jax.lax.scan(
         micro, (zero, zero, state["opt_state"]), batch[:-1])
     last_loss, last_norm, grads = micro_grads(params, batch[-1])
-    updates, opt_state = tx.update(grads, opt_state, params)
     k = batch.shape[0]
-    metrics = {"loss": (loss + last_loss) / k, "micro_grad_norm": (norm + last_norm) / k}
+    loss, norm = (loss + last_loss) / k, (norm + last_norm) / k
+
+    def apply():
+      updates, new_opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), new_opt_state
+
+    new_params, new_opt_state, health, checks = _guarded(guard, state, loss, norm, apply)
+    metrics = {"loss": loss, "micro_grad_norm": norm, **checks}
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state}
-    return new_state, metrics
+    return _new_state(state, new_params, new_opt_state, health), metrics
 
   return step
 
@@ -151,18 +194,21 @@ def make_eval_step(graphdef):
   return eval_step
 
 
-def state_shardings(cfg: LlamaConfig, tx, mesh, rules=shd.RULES, *, store=None):
+def state_shardings(cfg: LlamaConfig, tx, mesh, rules=shd.RULES, *, store=None,
+                    guard: Guard | None = None):
   """Abstract train state and its NamedShardings (MaxText order: abstract → specs → shardings).
 
   Parameter specs come from the logical names through `rules`; optimizer-state shardings
   are read off `jax.eval_shape` of `init` on the Explicit mesh, where every state leaf
-  that is a function of a parameter inherits that parameter's sharding. `store`: as in
-  `make_init_fn`.
+  that is a function of a parameter inherits that parameter's sharding. The mesh's axes
+  may be Explicit or Auto. `store`, `guard`: as in `make_init_fn`.
   """
   _, abstract = abstract_model(cfg)
   specs = pure_dict(shd.param_specs(nnx.state(abstract, nnx.Param), rules, mesh))
-  init = make_init_fn(cfg, tx, specs, store=store)
-  with shd.set_mesh(mesh):
+  init = make_init_fn(cfg, tx, specs, store=store, guard=guard)
+  # Shardings are read off the types of an Explicit twin of the mesh (same devices and
+  # axes); under an Auto mesh the same specs are then imposed on the jitted functions.
+  with shd.set_mesh(shd.as_explicit(mesh)):
     abstract_state = jax.eval_shape(init, jax.random.key(0))
 
   def sharding_of(leaf):

@@ -83,11 +83,17 @@ class Int8Weights:
 
   def wrap_step(self, step_fn: Callable) -> Callable:
     """A train step `(state, batch) → (state, metrics)` over float parameters → the same
-    step over stored ones: dequantize, run it, round the new weights back."""
+    step over stored ones: dequantize, run it, round the new weights back (a step that
+    its guard skipped, metric `skipped`, keeps the stored weights as they are)."""
     def step(state, batch):
       stored = state["params"]
       new, metrics = step_fn({**state, "params": self.load(stored)}, batch)
-      return {**new, "params": self.round(stored, new["params"], state["step"])}, metrics
+      rounded = lambda: self.round(stored, new["params"], state["step"])
+      if "skipped" in metrics:
+        params = jax.lax.cond(metrics["skipped"] > 0, lambda: stored, rounded)
+      else:
+        params = rounded()
+      return {**new, "params": params}, metrics
     return step
 
   def wrap_eval(self, eval_fn: Callable) -> Callable:
