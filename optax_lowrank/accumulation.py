@@ -378,6 +378,7 @@ class MultiSteps:
       self._every_k_schedule = lambda step: k
     self._opt = optax.with_extra_args_support(opt)
     self._use_grad_mean = bool(use_grad_mean)
+    self._may_skip = should_skip_update_fn is not None
     if should_skip_update_fn is None:
 
       def should_skip_update_fn(*unused_args, **unused_kwargs):
@@ -610,9 +611,11 @@ class MultiSteps:
     """
     skip, skip_state = self._skip(updates, state, params)
     added, _ = self._accumulated(updates, state, params, extra_args)
+    added = added._replace(skip_state=skip_state)
+    if not self._may_skip:
+      return added
     return jax.lax.cond(skip, lambda old, new: old, lambda old, new: new,
-                        state._replace(skip_state=skip_state),
-                        added._replace(skip_state=skip_state))
+                        state._replace(skip_state=skip_state), added)
 
   def update(self, updates, state: MultiStepsState, params=None,
              **extra_args) -> tuple[Any, MultiStepsState]:
@@ -667,6 +670,8 @@ class MultiSteps:
               for a in added.acc_projected),
       )
 
+    if not self._may_skip:
+      return jax.lax.cond(emit, emitted, held, added)
     branch = jnp.where(skip, 0, jnp.where(emit, 2, 1))
     return jax.lax.switch(branch, (skipped, held, emitted), added)
 
