@@ -129,7 +129,7 @@ def _is_zero_literal(value) -> bool:
 
 
 def _sub_jaxpr(eqn):
-  """The one sub-jaxpr of a call-like equation (jit, custom_jvp, remat), or None."""
+  """The sub-jaxpr of a call-like equation (jit, custom_jvp, remat), or None."""
   found = []
   for value in eqn.params.values():
     for v in value if isinstance(value, (tuple, list)) else (value,):
@@ -221,8 +221,8 @@ def _walk(jaxpr, inputs: list[_Value]) -> list[_Value]:
     return env.get(v, _CONSTANT)  # constvars are constants
 
   for eqn in jaxpr.eqns:
-    for v, out in zip(eqn.outvars, _transfer(eqn, [read(v) for v in eqn.invars])):
-      env[v] = out
+    outs = _transfer(eqn, [read(v) for v in eqn.invars])
+    env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
 
 
@@ -409,8 +409,8 @@ class MultiSteps:
   # -- init ----------------------------------------------------------------
 
   def _check_program(self, zeros, opt_state, params):
-    """Refuses programs whose accumulation would not mean optax's; returns
-    which gradient leaves the apply step reads raw."""
+    """Refuses, from the traced project phase, programs whose accumulation at
+    projected size would not have ``optax.MultiSteps``'s meaning."""
     counts = {}
 
     def probe(grads, opt_state, params):
@@ -422,10 +422,13 @@ class MultiSteps:
       counts["posted"] = sum(len(x) for x in posted)
       return inputs, posted
 
-    closed = jax.make_jaxpr(probe)(zeros, opt_state, params)
-    n_inputs, n_posted = sum(counts["inputs"]), counts["posted"]
-    outvars = closed.jaxpr.outvars
-    if _trapped(closed, outvars[:n_inputs + n_posted]):
+    try:
+      closed = jax.make_jaxpr(probe)(zeros, opt_state, params)
+      posted = sum(counts["inputs"]) + counts["posted"]
+      trapped = _trapped(closed, closed.jaxpr.outvars[:posted])
+    except jax.errors.UnexpectedTracerError:  # a JAX that catches it itself
+      trapped = True
+    if trapped:
       raise ValueError(
           "MultiSteps: a lowrank_project inside the optimizer runs under a "
           "lax.cond, lax.scan, vmap or jit placed between it and MultiSteps "
@@ -436,7 +439,7 @@ class MultiSteps:
     num_grads = len(jax.tree.leaves(zeros))
     inputs = [_Value(1 << i, _LINEAR) for i in range(num_grads)]
     inputs += [_CONSTANT] * (len(closed.jaxpr.invars) - num_grads)
-    found = _walk(closed.jaxpr, inputs)[:n_inputs]
+    found = _walk(closed.jaxpr, inputs)[:sum(counts["inputs"])]
     start = 0
     for slot, n in enumerate(counts["inputs"]):
       for value in found[start:start + n]:
