@@ -1301,3 +1301,83 @@ def coap(
       dimension_numbers=dimension_numbers, stagger=stagger,
       state_dtype=state_dtype, seed=seed,
   )
+
+
+def golore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 128,
+    *,
+    switch_step: int = 0,
+    update_proj_gap: int = 200,
+    scale: Union[float, jax.Array] = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[Any] = None,
+    mask: shapes.MaskOrFn = None,
+    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    stagger: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """GoLore-AdamW: GaLore until ``switch_step``, then random subspaces.
+
+  Adam runs on ``R = down(P, G)`` as in GaLore, with ``P`` refreshed at step 0
+  and every ``update_proj_gap`` steps: by the gradient's exact SVD before
+  ``switch_step``, by a uniformly random orthonormal matrix from then on
+  (``projectors.golore``). At every refresh the first moment is rotated into
+  the new subspace (``on_refresh="rotate"``, the code's
+  ``exp_avg = Pₙᵀ Pₒ exp_avg``); the second is kept.
+
+  Follows the authors' ``golore_torch.AdamW``: the Hugging Face AdamW
+  (``eps`` on the uncorrected ``√v``, bias correction in the step size), the
+  back-projection multiplied by ``scale``. Documented differences: weight
+  decay uses the parameter before the step (the code decays the updated one,
+  a difference of order ``lr² · weight_decay``), and the random matrices are
+  drawn from JAX keys.
+
+  Args:
+    learning_rate: A float or an optax schedule (the authors' 60M run: 1e-3,
+      1000 warmup steps, cosine).
+    rank: Subspace rank (int) or fraction of each matrix's smaller side.
+    switch_step: The first step with random subspaces: the reference's
+      ``rand_ratio · num_training_steps``. ``0`` (default) is the paper's
+      GoLore, random throughout; its pretraining recipe runs GaLore for the
+      first 80% of the steps (``switch_step = 0.8 · steps``). (The code's own
+      default ratio, 2, never switches: plain GaLore.)
+    update_proj_gap: Steps between refreshes.
+    scale: Multiplier of the back-projected update (the code's default 1).
+    proj_type: ``std``, ``reverse_std``, ``left`` or ``right``.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, on the uncorrected ``√v``.
+    weight_decay: Decoupled weight decay.
+    weight_decay_mask: Which leaves are decayed.
+    mask: Which leaves may be projected.
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    stagger: Spread the leaves' refreshes over the gap.
+    seed: Seed of the random subspaces.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
+    >>> tx = optax_lowrank.golore(1e-3, rank=8, switch_step=800)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+
+  References:
+    He et al., `Subspace Optimization for Large Language Models with
+    Convergence Guarantees <https://arxiv.org/abs/2410.11289>`_, ICML 2025;
+    code: github.com/pkumelon/Golore.
+  """
+  _validate_adam(b1, b2, eps, weight_decay)
+  return _hf_adamw_in_subspace(
+      learning_rate, rank, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, update_proj_gap=update_proj_gap,
+      scale=scale, projector=projectors_lib.golore(switch_step, proj_type),
+      on_refresh="rotate", mask=mask, dimension_numbers=dimension_numbers,
+      stagger=stagger, seed=seed,
+  )

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_lowrank import numerics
 from optax_lowrank.inner import adam as adam_lib
 from optax_lowrank.projectors.base import Projector
 from optax_lowrank.shapes import MatrixInfo
@@ -81,6 +82,49 @@ class ProjFactorState(NamedTuple):
   col: jax.Array
 
 
+def _factored_squares(g_hat: jax.Array, row: jax.Array, col: jax.Array,
+                      b2: float) -> tuple[jax.Array, jax.Array]:
+  """``b2·row + (1 − b2)·Σⱼ Ĝ²`` and the same for ``col``, overflow-safe.
+
+  ``Ĝ²`` overflows float32 from ``|Ĝ|`` of 1.8e19 and its sums earlier. The
+  squares are taken of ``Ĝ / s`` (``s`` a power of two near ``max |Ĝ|`` per
+  matrix) and each sum is multiplied back by ``s`` twice after the factor
+  ``1 − b2``: exact rescalings, so the result is the plain formula's bit for
+  bit wherever that one is finite, and finite wherever the statistics
+  themselves are (``(1 − b2)·Σⱼ Ĝ² < 3.4e38``).
+  """
+  s = numerics.power_of_two_scale(g_hat)  # (batch..., 1, 1)
+  sq = jnp.square(g_hat / s)  # (batch..., n, m)
+  s_row, s_col = s[..., 0, :], s[..., 0]  # (batch..., 1)
+  new_row = b2 * row + ((1.0 - b2) * jnp.sum(sq, axis=-2) * s_row) * s_row
+  new_col = b2 * col + ((1.0 - b2) * jnp.sum(sq, axis=-1) * s_col) * s_col
+  return new_row, new_col
+
+
+def _factored_second_moment(row: jax.Array, col: jax.Array) -> jax.Array:
+  """``V̂ = col rowᵀ / Σ row``, ``(batch..., n, m)``, overflow-safe.
+
+  ``col·row`` overflows float32 once both are ~1.8e19 (gradients of ~1e11
+  for a 512-wide matrix), although ``V̂ <= col`` entrywise. Both are divided
+  by powers of two near their maxima first, which is exact, so the result is
+  the plain formula's bit for bit wherever that one is finite. A matrix whose
+  gradients were all zero has ``V̂ = 0`` (the reference: 0/0). A matrix one of
+  whose statistics overflowed to ``inf`` (``(1 − b2)·Σⱼ Ĝ²`` beyond 3.4e38:
+  ``|Ĝ|`` of ~2.6e19 over 512 columns) has lost its normalization, so it gets
+  ``V̂ = inf`` and a zero update, as optax's Adam gives a zero update where its
+  ``v`` overflows, instead of ``inf/inf`` = NaN.
+  """
+  s_row = numerics.power_of_two_scale(row, axis=-1)  # (batch..., 1)
+  s_col = numerics.power_of_two_scale(col, axis=-1)
+  row_s, col_s = row / s_row, col / s_col
+  total = jnp.sum(row_s, axis=-1)[..., None, None]
+  total = jnp.where(total > 0, total, 1.0)
+  v_hat = col_s[..., :, None] * row_s[..., None, :] / total * s_col[..., None]
+  saturated = jnp.any(jnp.isinf(col), axis=-1) | jnp.any(jnp.isinf(row),
+                                                         axis=-1)
+  return jnp.where(saturated[..., None, None], jnp.inf, v_hat)
+
+
 def projfactor(b2: float = 0.999, eps: float = 1e-6) -> CombineRule:
   """ProjFactor's full-space factored second moment (VLoRP).
 
@@ -130,17 +174,13 @@ def projfactor(b2: float = 0.999, eps: float = 1e-6) -> CombineRule:
   def apply(projector, basis, g, r, n, scale, state):
     del g
     g_hat = scale * projector.up(basis, r).astype(jnp.float32)
-    sq = jnp.square(g_hat)  # (batch..., n, m)
-    row = b2 * state.row + (1.0 - b2) * jnp.sum(sq, axis=-2)
-    col = b2 * state.col + (1.0 - b2) * jnp.sum(sq, axis=-1)
-    total = jnp.sum(row, axis=-1)[..., None, None]
-    # A matrix whose gradients were all zero has V̂ = 0 (the reference: 0/0).
-    total = jnp.where(total > 0, total, 1.0)
-    v_hat = col[..., :, None] * row[..., None, :] / total
+    row, col = _factored_squares(g_hat, state.row, state.col, b2)
+    v_hat = _factored_second_moment(row, col)
     count = optax.safe_int32_increment(state.count)
     correction = jnp.sqrt(adam_lib.bias_correction(b2, count))
     u = scale * projector.up(basis, n).astype(jnp.float32)
     u = correction * u / (jnp.sqrt(v_hat) + eps)
+    u = jnp.where(jnp.isinf(v_hat), 0.0, u)  # saturated: no inf/inf
     return u.astype(n.dtype), ProjFactorState(count, row, col)
 
   return CombineRule(init, apply, reads_gradient=False)

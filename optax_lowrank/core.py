@@ -234,9 +234,13 @@ class _Projected(NamedTuple):
 def _refresh(projector: Projector, ctx: RefreshContext, g, basis):
   """The refresh branch: a new basis, kept per matrix where ``g`` is not finite."""
   if ctx.first_moment is not None:
-    ctx = ctx._replace(
-        first_moment=quantize.dequantize_tree(ctx.first_moment).astype(
-            jnp.float32))
+    moment = quantize.dequantize_tree(ctx.first_moment).astype(jnp.float32)
+    if isinstance(ctx.first_moment, quantize.QuantizedArray):
+      # Sharded like the projected gradient it averages (a dequantized
+      # moment keeps only the shardings its codes kept).
+      moment = shapes.reshard_like(
+          moment, jax.eval_shape(projector.down, basis, g))
+    ctx = ctx._replace(first_moment=moment)
   new = projector.refresh(ctx, g.astype(jnp.float32), basis)
   finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
   batch = finite.shape
@@ -271,9 +275,20 @@ def _project_leaf(projector: Projector, plan: shapes.LeafPlan, g, basis, *,
 
 def _combine_leaf(rule: combine_lib.CombineRule, projector: Projector,
                   plan: shapes.LeafPlan, like, p: _Projected, n, scale, state):
-  """The full-size update of one projected leaf, in the parameter's layout."""
-  u, state = rule.apply(projector, p.basis, p.g, p.r, n, scale, state)
-  return plan.layout.unmatricize(u).astype(like.dtype), state
+  """The full-size update of one projected leaf, in the parameter's layout.
+
+  Under explicit mesh axes the rule sees ``up``'s output resharded like the
+  gradient: a basis that holds no array along an axis (a key, indices) does
+  not know that axis' sharding, so ``up`` leaves it unsharded, and resharding
+  is then a local slice (no collective). ``like`` is the gradient leaf
+  (accumulated, in the ``apply`` phase, where ``p.g`` is ``None``).
+  """
+  view = p.g if p.g is not None else plan.layout.matricize(like)
+  sharded = projector._replace(
+      up=lambda basis, r: shapes.reshard_like(projector.up(basis, r), view))
+  u, state = rule.apply(sharded, p.basis, p.g, p.r, n, scale, state)
+  u = plan.layout.unmatricize(u).astype(like.dtype)
+  return shapes.reshard_like(u, like), state
 
 
 def _groups(plans, group_fn) -> list[Optional[int]]:

@@ -8,7 +8,11 @@ import jax
 import numpy as np
 import optax
 
+from optax_lowrank import shapes
 from optax_lowrank.core import LeafBasis
+
+# ``LowRankState`` fields keyed by a projected leaf's ``shapes.path_name``.
+_KEYED_BY_NAME = ("bases", "combine_states")
 
 
 class LeafMemory(NamedTuple):
@@ -56,8 +60,17 @@ def _nbytes(x) -> int:
   return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
-def _owner(path, param_paths) -> Optional[int]:
-  """The parameter whose key path occurs in ``path``; the longest wins."""
+def _owner(path, param_paths, names) -> Optional[int]:
+  """The parameter whose key path occurs in ``path``; the longest wins.
+
+  Under ``LowRankState.bases`` and ``combine_states`` a leaf is keyed by its
+  path name (``"layers/mlp/wi"``, see ``shapes.path_name``) instead: ``names``
+  maps those to parameter indices.
+  """
+  for prev, key in zip(path, path[1:]):
+    if (isinstance(prev, jax.tree_util.GetAttrKey) and prev.name in _KEYED_BY_NAME
+        and isinstance(key, jax.tree_util.DictKey) and key.key in names):
+      return names[key.key]
   best, best_len = None, 0
   for i, pp in enumerate(param_paths):
     k = len(pp)
@@ -94,13 +107,14 @@ def state_bytes(tx: optax.GradientTransformation, params: Any) -> StateMemory:
   state = jax.eval_shape(tx.init, params)
   param_items = jax.tree.flatten_with_path(params)[0]
   param_paths = [tuple(p) for p, _ in param_items]
+  names = {shapes.path_name(p): i for i, p in enumerate(param_paths)}
   per_leaf = [0] * len(param_items)
   ranks: list[Optional[int]] = [None] * len(param_items)
   shared = 0
   for path, leaf in jax.tree.flatten_with_path(
       state, is_leaf=lambda x: isinstance(x, LeafBasis)
   )[0]:
-    owner = _owner(tuple(path), param_paths)
+    owner = _owner(tuple(path), param_paths, names)
     if isinstance(leaf, LeafBasis):
       if owner is not None:
         ranks[owner] = leaf.rank

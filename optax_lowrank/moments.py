@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_lowrank import quantize
+from optax_lowrank import shapes
 
 # Field names optax uses for first moments (scale_by_adam, lion, trace, ...).
 FIRST_MOMENT_FIELDS = ("mu", "trace", "momentum")
@@ -50,7 +51,8 @@ class SubspaceChange(NamedTuple):
     where the subspaces differ); for random ones, Flora's transfer.
     """
     p = self.projector
-    return p.down(self.new, p.up(self.old, x)).astype(x.dtype)
+    y = p.down(self.new, p.up(self.old, x)).astype(x.dtype)
+    return shapes.reshard_like(y, x)  # as x under explicit mesh axes
 
 
 # moment(kind, x, fresh, change) -> x' for one parameter-shaped state leaf of

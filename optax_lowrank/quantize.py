@@ -30,7 +30,11 @@ Where a row does not fill its last block, that block is padded with the row's
 last element, which changes neither its minimum nor its maximum. Under an
 explicit-sharding mesh the kept axes keep their shardings, the first blocked
 axis keeps its own where blocks tile it evenly, and other shardings of blocked
-axes are gathered for quantization and restored by ``dequantize``.
+axes are gathered for quantization. ``dequantize`` returns the array sharded
+as the codes allow; the state stores no sharding (it does not depend on the
+mesh), so where the original's sharding matters it is read off other arrays
+(``quantize_state`` reads it off ``init``'s abstract evaluation, projectors
+off the gradient).
 
 **Maps.** ``linear`` is the map above. ``sqrt`` applies it to
 ``sign(x)·√|x|`` (decoded as ``y·|y|``): signed square-root companding, which
@@ -83,8 +87,10 @@ class QuantizedArray:
     bits: 4 or 8 (static).
     block_size: Elements per block (static).
     mapping: ``linear`` or ``sqrt`` (static), see the module docstring.
-    spec: The original's partition spec entries under an explicit mesh, or
-      ``None`` (static); ``dequantize`` returns an array sharded so.
+
+  Nothing here depends on a device mesh: the codes, scales and zeros carry
+  the shardings the block layout keeps, and ``dequantize`` returns an array
+  sharded as they allow (see the module docstring).
   """
 
   codes: jax.Array
@@ -96,8 +102,6 @@ class QuantizedArray:
   block_size: int = dataclasses.field(metadata=dict(static=True))
   mapping: str = dataclasses.field(default="linear",
                                    metadata=dict(static=True))
-  spec: Optional[tuple[Any, ...]] = dataclasses.field(
-      default=None, metadata=dict(static=True))
 
   @property
   def kept_axes(self) -> int:
@@ -195,7 +199,7 @@ def _quantize(x, bits, block_size, mapping, batch_dims, stochastic, key):
     pairs = codes.reshape(codes.shape[:-1] + (block_size // 2, 2))
     codes = pairs[..., 0] | (pairs[..., 1] << 4)
   return QuantizedArray(codes, scale, lo, shape, np.dtype(x.dtype), bits,
-                        block_size, mapping, spec)
+                        block_size, mapping)
 
 
 def quantize(
@@ -277,14 +281,13 @@ def requantize(like: QuantizedArray, x: jax.Array, **kwargs) -> QuantizedArray:
   Returns:
     A ``QuantizedArray`` with the same static fields as ``like`` (so the
     pytree structure is unchanged, as ``jit`` and ``lax.cond`` need): under
-    an explicit mesh ``x`` is first resharded as ``like``'s original was.
+    an explicit mesh its codes, scales and zeros are resharded as ``like``'s
+    (so the types are unchanged too).
   """
-  x = x.astype(like.dtype)
-  if like.spec is not None and shapes.explicit_spec(x) != like.spec:
-    x = jax.sharding.reshard(x, P(*like.spec))
-  return quantize(
-      x, bits=like.bits, block_size=like.block_size,
+  q = quantize(
+      x.astype(like.dtype), bits=like.bits, block_size=like.block_size,
       mapping=like.mapping, batch_dims=like.kept_axes, **kwargs)
+  return jax.tree.map(shapes.reshard_like, q, like)
 
 
 def unpack_codes(q: QuantizedArray) -> jax.Array:
@@ -303,8 +306,11 @@ def dequantize(q: QuantizedArray) -> jax.Array:
     q: A ``QuantizedArray``.
 
   Returns:
-    An array of ``q.shape`` and ``q.dtype``, sharded as the quantized array
-    was.
+    An array of ``q.shape`` and ``q.dtype``. Under an explicit mesh it keeps
+    the shardings the codes kept (the kept axes', and the first blocked
+    axis' where blocks tile it evenly); other axes are unsharded
+    (``shapes.reshard_like`` it to the original's sharding where that is
+    needed).
 
   Example:
     >>> import jax.numpy as jnp
@@ -325,14 +331,12 @@ def dequantize(q: QuantizedArray) -> jax.Array:
   y = y.reshape(lead + (-1,))
   if y.shape[-1] != length:
     y = y[..., :length]
-  if q.spec is None:
+  spec = shapes.explicit_spec(y)
+  if spec is None:
     return y.reshape(q.shape).astype(q.dtype)
   # The blocked axes: the first keeps the sharding the blocks kept, if any.
-  major = shapes.explicit_spec(y)[k]
-  tail = (major,) + (None,) * (len(q.shape) - k - 1) if k < len(q.shape) else ()
-  y = jax.lax.reshape(y, q.shape, out_sharding=P(*q.spec[:k], *tail))
-  if shapes.explicit_spec(y) != q.spec:
-    y = jax.sharding.reshard(y, P(*q.spec))
+  tail = (spec[k],) + (None,) * (len(q.shape) - k - 1) if k < len(q.shape) else ()
+  y = jax.lax.reshape(y, q.shape, out_sharding=P(*spec[:k], *tail))
   return y.astype(q.dtype)
 
 
@@ -458,8 +462,19 @@ def quantize_state(
     return compress(tx.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    updates, new_state = tx.update(
-        updates, dequantize_tree(state), params, **extra_args)
+    view = dequantize_tree(state)
+    if any(shapes.explicit_spec(u) is not None
+           for u in jax.tree.leaves(updates)) and any(
+               _is_quantized(x)
+               for x in jax.tree.leaves(state, is_leaf=_is_quantized)):
+      # Dequantized leaves keep only the shardings their codes kept; give
+      # them back those ``init`` gives (read off its abstract evaluation on
+      # the updates, which are sharded like the parameters).
+      like = jax.eval_shape(tx.init, updates)
+      view = jax.tree.map(
+          lambda q, x, l: shapes.reshard_like(x, l) if _is_quantized(q) else x,
+          state, view, like, is_leaf=_is_quantized)
+    updates, new_state = tx.update(updates, view, params, **extra_args)
     new_state = jax.tree.map(
         lambda old, x: requantize(old, x) if _is_quantized(old) else x,
         state, new_state, is_leaf=_is_quantized)

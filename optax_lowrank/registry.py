@@ -21,4 +21,5 @@ optimizers = {
     "galore_8bit": aliases.galore_8bit,
     "q_galore": aliases.q_galore,
     "coap": aliases.coap,
+    "golore": aliases.golore,
 }

@@ -244,11 +244,7 @@ class MatrixInfo(NamedTuple):
 
     ``m`` and ``n`` take the leaf's shardings, ``r`` is never sharded.
     """
-    if self.spec is None:
-      return None
-    nb = len(self.batch_shape)
-    specs = {"n": self.spec[nb], "m": self.spec[nb + 1], "r": None}
-    return (*self.spec[:nb], *(specs[d] for d in dims))
+    return partition(self.spec, dims)
 
   def zeros(self, dims: str, dtype) -> jax.Array:
     """Zeros of shape ``batch_shape + dims``, sharded like the leaf.
@@ -265,12 +261,38 @@ class MatrixInfo(NamedTuple):
                      out_sharding=out_sharding(self.partition(dims)))
 
 
+def partition(spec: Optional[Sequence[Any]], dims: str
+              ) -> Optional[tuple[Any, ...]]:
+  """Spec entries for a ``batch... + dims`` array, from those of a leaf's view.
+
+  Args:
+    spec: Partition spec entries of a ``(batch..., n, m)`` matricized view
+      (``explicit_spec`` of the gradient), or ``None``.
+    dims: One letter per trailing axis: ``m`` and ``n`` take the view's
+      entries, ``r`` (the rank) is never sharded.
+
+  Returns:
+    The entries, or ``None`` if ``spec`` is ``None``.
+  """
+  if spec is None:
+    return None
+  nb = len(spec) - 2
+  entries = {"n": spec[nb], "m": spec[nb + 1], "r": None}
+  return (*spec[:nb], *(entries[d] for d in dims))
+
+
 def explicit_spec(x) -> Optional[tuple[Any, ...]]:
-  """Partition spec of ``x`` if it is sharded under explicit mesh axes."""
+  """Partition spec of ``x`` if it is sharded under explicit mesh axes.
+
+  ``x`` is an array, a tracer, or a ``jax.ShapeDtypeStruct`` (as
+  ``jax.eval_shape`` returns, which carries its sharding).
+  """
   try:
     sharding = jax.typeof(x).sharding
   except (TypeError, AttributeError):
-    return None
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+      return None
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or not mesh.axis_names:
     return None
@@ -287,8 +309,20 @@ def out_sharding(spec: Optional[Sequence[Any]]) -> Optional[P]:
 
 def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
   """Reshards ``x`` to the explicit sharding of ``like`` (no-op otherwise)."""
-  spec = explicit_spec(like)
-  if spec is None or explicit_spec(x) == spec:
+  return reshard_to(x, explicit_spec(like))
+
+
+def reshard_to(x: jax.Array, spec: Optional[Sequence[Any]]) -> jax.Array:
+  """Reshards ``x`` to the spec entries ``spec`` (no-op for ``None``).
+
+  Specs come from ``explicit_spec``, which is ``None`` without a mesh and
+  under ``Auto`` mesh axes (there XLA's propagation decides), so that
+  nothing is resharded there.
+  """
+  if spec is None:
+    return x
+  spec = tuple(spec) + (None,) * (x.ndim - len(spec))
+  if explicit_spec(x) == spec:
     return x
   return jax.sharding.reshard(x, P(*spec))
 
@@ -411,15 +445,23 @@ def regroup(x: jax.Array, m2: int, n2: int) -> jax.Array:
 
 
 def ungroup(y: jax.Array, m: int, n: int,
-            spec: Optional[tuple[Any, ...]]) -> jax.Array:
-  """Inverse of ``regroup``: back to ``(batch..., n, m)``, sharded as ``spec``."""
+            spec: Optional[tuple[Any, ...]] = None) -> jax.Array:
+  """Inverse of ``regroup``: back to ``(batch..., n, m)``.
+
+  Under explicit sharding the mesh axes of ``y``'s matrix axes (of ``spec``,
+  when given) that divide both row counts shard the rows ``m``; the result is
+  then resharded as ``spec`` if given, else left so (``n`` unsharded).
+  """
+  y_spec = explicit_spec(y)
   g = jnp.swapaxes(y, -1, -2)
   shape = g.shape[:-2] + (m, n)
-  if spec is None:
+  if y_spec is None:
     return jnp.swapaxes(g.reshape(shape), -1, -2)
-  rows = P(*spec[:-2], _regrouped_rows_entry(g, spec, m, g.shape[-2]), None)
-  g = jnp.reshape(jax.sharding.reshard(g, rows), shape, out_sharding=rows)
-  return jax.sharding.reshard(jnp.swapaxes(g, -1, -2), P(*spec))
+  source = y_spec if spec is None else tuple(spec)
+  rows = P(*source[:-2], _regrouped_rows_entry(g, source, m, g.shape[-2]),
+           None)
+  g = jnp.reshape(reshard_to(g, tuple(rows)), shape, out_sharding=rows)
+  return reshard_to(jnp.swapaxes(g, -1, -2), spec)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,8 @@ ALIASES = {
                               dimension_numbers=DIMS, weight_decay=0.01),
     "coap": lambda: ol.coap(0.1, rank=4, update_proj_gap=2, reproject_factor=2,
                             dimension_numbers=DIMS),
+    "golore": lambda: ol.golore(0.1, rank=4, update_proj_gap=2, switch_step=2,
+                                dimension_numbers=DIMS),
 }
 
 

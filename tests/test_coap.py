@@ -28,7 +28,9 @@ import pytest
 
 import optax_lowrank as ol
 from optax_lowrank import DimensionNumbers, projectors, schedules
-from optax_lowrank.projectors.coap import correction_loss_and_grad
+from optax_lowrank.projectors.coap import (
+    correction_loss_and_grad, correction_step, fill_dead_columns,
+    keep_if_moment_not_finite)
 from tests import hlo, sharded
 from tests.gradients import drifting_low_rank
 from tests.reference import coap as ref
@@ -77,7 +79,7 @@ def first_omegas(shapes, seed=0):
   return out
 
 
-def run_parity(stacked=False, lr=LR, weight_decay=0.0, scale=SCALE):
+def run_parity(stacked=False, lr=LR, weight_decay=0.0, scale=SCALE, grad_scale=1.0):
   shapes = STACKED if stacked else SHAPES
   tx = ol.coap(lr, RANK, update_proj_gap=GAP, reproject_factor=FACTOR, scale=scale,
                b1=B1, b2=B2, eps=EPS, weight_decay=weight_decay,
@@ -103,6 +105,7 @@ def run_parity(stacked=False, lr=LR, weight_decay=0.0, scale=SCALE):
                else [make(omegas[k][l]) for l in range(layers)])
   worst = 0.0
   for t, g in enumerate(make_grads(stacked)):
+    g = jax.tree.map(lambda x: x * np.float32(grad_scale), g)
     lr_t = float(lr(t)) if callable(lr) else lr
     u, state = update(g, state, params)
     for k, shape in shapes.items():
@@ -133,6 +136,36 @@ def test_coap_matches_reference(kind):
   else:
     worst = run_parity(stacked=True, lr=SCHEDULE, weight_decay=WD, scale=1.0)
   print(f"coap {kind}: worst relative error {worst:.2e}")
+
+
+@pytest.mark.parametrize("grad_scale", [1e18, 1e19])
+def test_coap_matches_reference_at_huge_gradients(grad_scale):
+  """Issue 14: from gradients of ~1e17 the correction's squared gradient norm overflowed
+  and the step was NaN (0 · inf), where optax.adamw stays finite. Against the float64
+  reference fed the same (scaled) gradients: the same tolerance as at scale 1 (the
+  inner Adam squares as (1 − b2)·g·g, representable to |g| ≈ 5.8e20; optax.adamw's
+  g² overflows from 1.8e19)."""
+  worst = run_parity(grad_scale=grad_scale)
+  print(f"coap x{grad_scale:.0e}: worst relative error {worst:.2e}")
+
+
+def test_correction_step_is_the_clipped_step_and_scale_free():
+  """``correction_step`` is the plain clipped step bit for bit at ordinary scales, and a
+  gradient and moment multiplied by 2⁷⁰ (~1e21, beyond float32's squares) give the same
+  step as by 2¹⁰ (both clipped), bit for bit: the rescaling is by powers of two."""
+  rs = np.random.RandomState(7)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  g, mom = f32(rs.randn(2, 12, 30)), f32(rs.randn(2, 3, 30))
+  p = f32(np.linalg.qr(rs.randn(2, 12, 3))[0].swapaxes(-1, -2))
+  lr, clip = 0.1, 1.0
+  _, grad = correction_loss_and_grad(p, mom, g, "right")
+  norm = jnp.sqrt(jnp.sum(jnp.square(grad), axis=(-2, -1), keepdims=True))
+  plain = p - lr * jnp.minimum(1.0, clip / (norm + 1e-6)) * grad
+  np.testing.assert_array_equal(correction_step(p, mom, g, "right", lr, clip), plain)
+  small = correction_step(p, mom * 2.0**10, g * 2.0**10, "right", lr, clip)
+  huge = correction_step(p, mom * 2.0**70, g * 2.0**70, "right", lr, clip)
+  assert np.all(np.isfinite(np.asarray(huge)))
+  np.testing.assert_array_equal(huge, small)
 
 
 def test_reference_events_cover_both_corrections():
@@ -215,7 +248,20 @@ def test_sharded_matches_unsharded_and_gathers_nothing(mesh):
            "bias": P()}
   # Steps 0 (range find from a drawn block), 2 (basis step) and 4 (range find from
   # the basis).
-  tx = ol.coap(LR, RANK, update_proj_gap=GAP, reproject_factor=2,
+  # Adam's ε is 1e-3 here, not the default 1e-6, so that `rtol` measures the
+  # projector's sharding rather than Adam's first step. That step is R/(|R| + ε')
+  # per entry of R = P G, ε' = ε/√(1 − β₂): a smoothed sign, of slope up to 1/ε'.
+  # Sharded and unsharded R differ by reduction order, in the bases and in R's own
+  # contraction, by a few ulp of Σ|P||G| (~0.5 here: ulp 6e-8). With ε = 1e-6
+  # (1/ε' = 3.2e4) an entry of R near 0 turns each such ulp into ~1e-5 of the
+  # update's norm: this data has R = 5.9e-5 in "w" at step 0 (slope 3.8e3,
+  # ‖R/(|R| + ε')‖ = 15.5: 1.5e-5 per ulp), where the two runs differed by 6e-7
+  # (10 ulp, from bases 5.8e-7 apart) and step 0 failed at 1.45e-4 while the later
+  # steps agreed to 3e-6. Over 6 first blocks and 2 layouts step 0 ranged from 5e-7
+  # to 1.45e-4 with ε = 1e-6. With ε = 1e-3 the slope is at most 32 for any data, a
+  # few ulp of R move the update by ~1e-7, and step 0 agrees as the later steps do
+  # (measured over the same 12 runs: step 0 ≤ 3.9e-6, later steps ≤ 4.7e-6).
+  tx = ol.coap(LR, RANK, update_proj_gap=GAP, reproject_factor=2, eps=1e-3,
                dimension_numbers={**STACKED_DN, "x": None})
   grads = make_grads(True, steps=5, shapes=tuple(shapes.items()))
   params = jax.tree.map(jnp.zeros_like, grads[0])
@@ -225,6 +271,107 @@ def test_sharded_matches_unsharded_and_gathers_nothing(mesh):
   assert any(op == "all-reduce" for op, _ in found)  # the parser sees them
   matrices = {k: s for k, s in shapes.items() if len(s) > 1}
   assert not hlo.whole_matrices(found, matrices), found
+
+
+def _two_layer_mlp():
+  """A tanh MLP whose second layer starts at zero: the first layer's gradient is
+  exactly zero at step 0 (it flows back through the second layer's weights)."""
+  rs = np.random.RandomState(0)
+  x = jnp.asarray(rs.randn(64, 32), jnp.float32)
+  y = jnp.asarray(np.tanh(x @ rs.randn(32, 48) / 6) @ rs.randn(48, 16), jnp.float32)
+  params = {"w1": jnp.asarray(rs.randn(32, 48) / np.sqrt(32), jnp.float32),
+            "w2": jnp.zeros((48, 16), jnp.float32)}
+  loss = lambda p: jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
+  return params, loss
+
+
+def _train(tx, params, loss, steps):
+  def step(carry, _):
+    p, s = carry
+    value, g = jax.value_and_grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return (optax.apply_updates(p, u), s), value
+  (p, _), losses = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), None,
+                                                  steps))(params)
+  return p, np.asarray(losses)
+
+
+def test_a_zero_first_gradient_still_trains_the_layer():
+  """Issue 14: the range find of a zero gradient gave a zero basis that every later
+  correction and range find kept, so the layer never moved (``‖ΔW1‖ = 0`` where GaLore
+  moves it by ~4.8). Dead vectors now get a random orthonormal start; the layer moves
+  and the loss falls as much as with GaLore (measured: ‖ΔW1‖ 4.85 vs 4.78, final loss
+  7.46 vs 7.35 from 16.1)."""
+  params, loss = _two_layer_mlp()
+  g0 = jax.grad(loss)(params)["w1"]
+  assert not np.any(np.asarray(g0))  # the premise: an exactly zero first gradient
+  steps = 200
+  kw = dict(rank=4, update_proj_gap=10)
+  ours, our_losses = _train(ol.coap(1e-2, reproject_factor=5, **kw), params, loss, steps)
+  galore, galore_losses = _train(ol.galore(1e-2, **kw), params, loss, steps)
+  moved = float(jnp.linalg.norm(ours["w1"] - params["w1"]))
+  galore_moved = float(jnp.linalg.norm(galore["w1"] - params["w1"]))
+  assert galore_moved > 1.0, galore_moved
+  assert 0.5 * galore_moved < moved < 2.0 * galore_moved, (moved, galore_moved)
+  drop, galore_drop = our_losses[0] - our_losses[-1], galore_losses[0] - galore_losses[-1]
+  assert drop > 0.75 * galore_drop, (our_losses[[0, -1]], galore_losses[[0, -1]])
+  # The first basis (from the zero gradient) is orthonormal, not zero.
+  tx = ol.lowrank_project(optax.scale_by_adam(), RANK, projector=projectors.coap())
+  grads = {"a": jnp.zeros((10, 24))}
+  _, state = jax.jit(tx.update)(grads, tx.init(grads))
+  vh = np.asarray(state.bases["a"].basis.basis.vh, np.float64)
+  np.testing.assert_allclose(vh @ vh.T, np.eye(RANK), atol=1e-6)
+
+
+def test_fill_dead_columns_keeps_live_vectors_and_stays_orthonormal():
+  """Dead (zero or NaN) columns take the previous basis's column if it is live, else a
+  Gaussian one, made orthogonal to the live vectors; live vectors are kept bit for bit."""
+  rs = np.random.RandomState(5)
+  p, r = 40, 4
+  q = np.linalg.qr(rs.randn(p, r))[0].astype(np.float32)
+  prev = np.linalg.qr(rs.randn(p, r))[0].astype(np.float32)
+  vectors = q.copy()
+  vectors[:, 1] = 0.0
+  vectors[:, 3] = np.nan
+  prev[:, 3] = 0.0  # column 3 has no live predecessor: a Gaussian start
+  out = np.asarray(fill_dead_columns(jnp.asarray(vectors), jnp.asarray(prev),
+                                     jax.random.key(0)), np.float64)
+  np.testing.assert_array_equal(out[:, [0, 2]], q[:, [0, 2]])
+  np.testing.assert_allclose(out.T @ out, np.eye(r), atol=1e-6)
+  # Column 1 is the previous column 1 with the live directions projected out.
+  live = q[:, [0, 2]].astype(np.float64)
+  want = prev[:, 1] - live @ (live.T @ prev[:, 1])
+  want /= np.linalg.norm(want)
+  np.testing.assert_allclose(out[:, 1], want, atol=1e-6)
+
+
+def test_a_non_finite_first_moment_does_not_poison_the_basis():
+  """Issue 14: one NaN gradient leaves Adam's first moment NaN; the next correction
+  read it and turned the basis NaN, and every later range find started from it. Now
+  the correction keeps the basis of a matrix whose moment is not finite, and the next
+  range find (which never reads the moment) equals the float64 reference's warm start
+  from that basis."""
+  tx = ol.lowrank_project(optax.scale_by_adam(), RANK, update_proj_gap=1,
+                          projector=projectors.coap(reproject_factor=FACTOR))
+  grads = make_grads(False, steps=5)
+  state = tx.init(grads[0])
+  update = jax.jit(tx.update)
+  vh = lambda s: np.asarray(s.bases["a"].basis.basis.vh, np.float64)
+  _, state = update(grads[0], state)                  # step 0: range find
+  first = vh(state)
+  bad = {**grads[1], "a": grads[1]["a"].at[0, 0].set(jnp.nan)}
+  _, state = update(bad, state)                       # skipped: G not finite
+  assert np.isnan(np.asarray(state.inner_state.mu["a"])).any()
+  _, state = update(grads[2], state)                  # correction, NaN moment
+  np.testing.assert_array_equal(vh(state), first)     # kept, not NaN
+  _, state = update(grads[3], state)                  # correction again
+  np.testing.assert_array_equal(vh(state), first)
+  _, state = update(grads[4], state)                  # range find from the basis
+  got = vh(state)
+  g = np.asarray(grads[4]["a"], np.float64).T
+  want = ref.coap_orthogonal_matrix(g, RANK, "right", first.T)
+  aligned, _ = ref.align_signs(got, want, "right")
+  np.testing.assert_allclose(aligned, want, atol=1e-5)
 
 
 def test_errors():

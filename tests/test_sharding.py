@@ -3,10 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optax_lowrank as ol
+from tests import test_aliases as aliases  # the aliases' configurations and unsharded runs
 
 SHAPES = {"w": (64, 32), "v": (32, 64), "layers": (4, 32, 48), "b": (32,)}
 DIMS = {"w": None, "v": None, "layers": ol.DimensionNumbers(1, 2), "b": None}
@@ -102,3 +104,131 @@ def test_full_projection_runs_sharded(mesh):
       assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
     u_basis = state[0].bases["w"].basis.u  # w: matrix (32, 64) sharded ("b", "a")
     assert jax.typeof(u_basis).sharding.spec[0] == "b"
+
+
+# ---------------------------------------------------------------------------
+# State that does not depend on the mesh: the same tree structure with and without one,
+# and the same optimizers under Auto mesh axes (MaxText's default) as under Explicit ones.
+
+AUTO = (jax.sharding.AxisType.Auto,) * 2
+EXPLICIT = (jax.sharding.AxisType.Explicit,) * 2
+_pr = ol.projectors
+_LAYERS_ONLY = {"w": False, "v": False, "layers": True, "b": False}
+
+
+def _project(projector, **kwargs):
+  return lambda: ol.lowrank_project(
+      optax.scale_by_adam(), rank=4, update_proj_gap=2, projector=projector(),
+      dimension_numbers=aliases.DIMS, **kwargs)
+
+
+# lowrank_project with each projector and wrapper (the aliases cover the combine rules).
+PROJECTED = {
+    "svd": _project(lambda: _pr.svd()),
+    "svd_full": _project(lambda: _pr.svd("full")),
+    "randomized_svd": _project(lambda: _pr.randomized_svd(warm_start=True)),
+    "online_pca": _project(lambda: _pr.online_pca(2)),
+    "coap": _project(lambda: _pr.coap(2)),
+    "random": _project(lambda: _pr.random()),
+    "random_orthonormal": _project(lambda: _pr.random("left", std="orthonormal")),
+    "blocks": _project(lambda: _pr.blocks(0.5), projection_mask=_LAYERS_ONLY),
+    "columns": _project(lambda: _pr.coordinates("columns", density=0.5)),
+    "random_k": _project(lambda: _pr.coordinates("random_k", density=0.5)),
+    "randperm": _project(lambda: _pr.randperm()),
+    "dct": _project(lambda: _pr.dct()),
+    "grass": _project(lambda: _pr.grass(selection="norm_sampling")),
+    "granular_random": _project(lambda: _pr.granular(_pr.random(std="unit"), 4)),
+    "granular_svd": _project(lambda: _pr.granular(_pr.svd(), 0.5)),
+    "quantized_svd": _project(lambda: ol.quantize.quantize_basis(_pr.svd())),
+    "quantized_lazy": _project(lambda: ol.quantize.quantize_basis(
+        ol.schedules.lazy(_pr.svd(), 2), bits=8)),
+    "adaptive_rank": _project(lambda: ol.schedules.adaptive_rank(_pr.svd())),
+    "quantized_moments": lambda: ol.lowrank_project(
+        ol.quantize.quantize_state(optax.scale_by_adam(), min_size=64), rank=4,
+        update_proj_gap=2, dimension_numbers=aliases.DIMS),
+}
+CONFIGS = {**{f"alias_{k}": v for k, v in aliases.ALIASES.items()}, **PROJECTED}
+
+
+def _put(mesh, tree, specs):
+  return {k: jax.device_put(x, NamedSharding(mesh, specs[k])) for k, x in tree.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_state_tree_structure_does_not_depend_on_the_mesh(mesh, name):
+  """``init`` on unsharded parameters (``jax.eval_shape``) and, under an Explicit and an
+  Auto 4 x 2 mesh, ``jax.jit(init)`` on parameters sharded along both matrix axes give
+  one tree structure: no static field of the state records a mesh or a sharding.
+  (``jit(...).eval_shape`` traces ``jit(init)`` without compiling; tracing decides the
+  structure.)"""
+  tx = CONFIGS[name]()
+  params = aliases._tree(0)
+  want = jax.tree.structure(jax.eval_shape(tx.init, params))
+  for axis_types in (EXPLICIT, AUTO):
+    mesh_ = jax.make_mesh((4, 2), ("a", "b"), axis_types=axis_types)
+    with jax.set_mesh(mesh_):
+      state = jax.jit(tx.init).eval_shape(_put(mesh_, params, aliases.SPECS["both"]))
+    assert jax.tree.structure(state) == want, (name, axis_types)
+
+
+# A representative set: SVD, key-drawn (also granular), block, sparse-index, DCT, quantized
+# lazy, COAP bases.
+AUTO_MESH_ALIASES = ("galore", "apollo", "vlorp", "frugal_blocks", "grass", "q_galore",
+                     "coap", "dct_adamw")
+
+
+@pytest.mark.parametrize("name", AUTO_MESH_ALIASES)
+def test_auto_mesh_equals_unsharded_with_stable_state_types(mesh, name):
+  """Under an Auto mesh (no explicit shardings: the library takes its unsharded paths
+  and XLA's propagation shards), init and two jitted updates on parameters and
+  gradients sharded along both matrix axes equal the unsharded run, and the state's
+  types after each update are those after init."""
+  tx = aliases.ALIASES[name]()
+  expected = aliases._unsharded_run(name)[:2]
+  params, grads = aliases._tree(0), [aliases._tree(s) for s in (1, 2)]
+  specs = aliases.SPECS["both"]
+  auto = jax.make_mesh((4, 2), ("a", "b"), axis_types=AUTO)
+  with jax.set_mesh(auto):
+    sp = _put(auto, params, specs)
+    state = jax.jit(tx.init)(sp)
+    types = jax.tree.map(jax.typeof, state)
+    update = jax.jit(tx.update)
+    for g, want in zip(grads, expected):
+      u, state = update(_put(auto, g, specs), state, sp)
+      assert jax.tree.map(jax.typeof, state) == types
+      for k in aliases.SHAPES:
+        got, ref = np.asarray(u[k]), np.asarray(want[k])
+        assert np.linalg.norm(got - ref) <= 2e-5 * np.linalg.norm(ref), (name, k)
+
+
+@pytest.mark.parametrize("name", ("vlorp", "frugal_blocks", "q_galore"))
+def test_state_shardings_from_an_explicit_mesh_lay_out_an_auto_mesh_run(mesh, name):
+  """As a MaxText-style trainer does: the state's shardings are read off
+  ``jax.eval_shape(init)`` on an Explicit mesh (outside the state), then given as
+  ``out_shardings`` to ``init`` and ``update`` jitted under an Auto mesh of the same
+  devices. That needs the same tree structure on both meshes; the state is then laid out
+  like the parameters and the updates equal the unsharded run."""
+  tx = aliases.ALIASES[name]()
+  expected = aliases._unsharded_run(name)[:2]
+  params, grads = aliases._tree(0), [aliases._tree(s) for s in (1, 2)]
+  specs = aliases.SPECS["both"]
+  explicit = jax.make_mesh((4, 2), ("a", "b"), axis_types=EXPLICIT)
+  with jax.set_mesh(explicit):
+    abstract = jax.eval_shape(tx.init, _put(explicit, params, specs))
+  auto = jax.make_mesh((4, 2), ("a", "b"), axis_types=AUTO)
+  shardings = jax.tree.map(  # as train.steps.state_shardings: scalars come back unsharded
+      lambda x: NamedSharding(auto, x.sharding.spec if x.sharding is not None else P()),
+      abstract)
+  assert any(s.spec != P() for s in jax.tree.leaves(shardings))  # the state is sharded
+  param_shardings = {k: NamedSharding(auto, s) for k, s in specs.items()}
+  with jax.set_mesh(auto):
+    sp = _put(auto, params, specs)
+    state = jax.jit(tx.init, out_shardings=shardings)(sp)
+    types = jax.tree.map(jax.typeof, state)
+    update = jax.jit(tx.update, out_shardings=(param_shardings, shardings))
+    for g, want in zip(grads, expected):
+      u, state = update(_put(auto, g, specs), state, sp)
+      assert jax.tree.map(jax.typeof, state) == types
+      for k in aliases.SHAPES:
+        got, ref = np.asarray(u[k]), np.asarray(want[k])
+        assert np.linalg.norm(got - ref) <= 2e-5 * np.linalg.norm(ref), (name, k)

@@ -216,8 +216,16 @@ def scale_by_adam_leafwise(
 
     def direction(m, v, t):
       m_hat = m / bias_correction(b1, t)
-      v_hat = v / bias_correction(b2, t)
-      return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(m.dtype)
+      correction = bias_correction(b2, t)
+      v_hat = v / correction
+      out = m_hat / (jnp.sqrt(v_hat) + eps)
+      # v / (1 − b2ᵗ) overflows where v is finite (gradients of ~1e19 at the
+      # first step: v = (1 − b2)·g² < 3.4e38 to |g| = 5.8e20); there the root
+      # is taken first. Elsewhere the plain formula (as compiled, it may move
+      # by one ulp).
+      safe = m_hat / (jnp.sqrt(v) / jnp.sqrt(correction) + eps)
+      out = jnp.where(jnp.isinf(v_hat) & jnp.isfinite(v), safe, out)
+      return out.astype(m.dtype)
 
     out = jax.tree.map(direction, mu, nu, count)
     return out, LeafwiseAdamState(count=count, mu=mu, nu=nu)

@@ -5,6 +5,7 @@ from optax_lowrank.projectors.blocks import BlockBasis, blocks
 from optax_lowrank.projectors.coap import COAPBasis, coap
 from optax_lowrank.projectors.coordinates import IndexBasis, coordinates, randperm
 from optax_lowrank.projectors.dct import DCTBasis, dct
+from optax_lowrank.projectors.golore import golore
 from optax_lowrank.projectors.granular import GranularBasis, granular
 from optax_lowrank.projectors.grass import SparseBasis, grass
 from optax_lowrank.projectors.online_pca import OnlinePCABasis, online_pca
@@ -38,6 +39,7 @@ __all__ = [
     "coap",
     "coordinates",
     "dct",
+    "golore",
     "granular",
     "grass",
     "online_pca",

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jax.sharding import PartitionSpec as P
 
+from optax_lowrank import shapes
 from optax_lowrank.projectors.base import Projector
 
 ORDERS = ("random", "ascending", "descending")
@@ -32,15 +32,14 @@ class BlockBasis:
     indices: ``int32`` ``(k,)``, sorted positions in the flattened stack.
     start: ``int32`` scalar, where the next deterministic window begins.
     batch_shape: Shape of the stack (static).
-    spec: Partition spec entries of the leaf's ``(batch..., n, m)`` view
-      under an explicit mesh, or ``None`` (static).
+
+  Nothing here depends on a device mesh (shardings are read off the arrays
+  at run time).
   """
 
   indices: jax.Array
   start: jax.Array
   batch_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  spec: Optional[tuple[Any, ...]] = dataclasses.field(
-      metadata=dict(static=True))
 
 
 def blocks(density: float = 0.25, *, order: str = "random") -> Projector:
@@ -101,8 +100,7 @@ def blocks(density: float = 0.25, *, order: str = "random") -> Projector:
           "sharded along its batch axes"
       )
     return BlockBasis(jnp.zeros((k,), jnp.int32),
-                      jnp.asarray(start, jnp.int32), info.batch_shape,
-                      info.spec)
+                      jnp.asarray(start, jnp.int32), info.batch_shape)
 
   def refresh(ctx, g, basis):
     del g
@@ -123,21 +121,26 @@ def blocks(density: float = 0.25, *, order: str = "random") -> Projector:
         start=jnp.asarray(start, jnp.int32))
 
   # A sharded stack is sharded along its single batch axis (see init), so the
-  # flattening reshape below only ever merges unsharded axes.
+  # flattening reshape below only ever merges unsharded axes. Shardings are
+  # read off the gradient (down) and the projected array (up).
   def down(basis, g):
     flat = g.reshape((-1,) + g.shape[-2:])
-    if basis.spec is None:
+    spec = shapes.explicit_spec(g)
+    if spec is None:
       return jnp.take(flat, basis.indices, axis=0)
     # The chosen layers leave the layer axis unsharded; matrix axes keep theirs.
-    return flat.at[basis.indices].get(out_sharding=P(None, *basis.spec[-2:]))
+    return flat.at[basis.indices].get(out_sharding=P(None, *spec[-2:]))
 
   def up(basis, r):
     size = math.prod(basis.batch_shape)
     shape = (size,) + r.shape[-2:]
-    if basis.spec is None:
+    spec = shapes.explicit_spec(r)
+    if spec is None:
       out = jnp.zeros(shape, r.dtype).at[basis.indices].set(r)
     else:
-      spec = P(*basis.spec[:-2][:1], *basis.spec[-2:])
+      # The layer axis unsharded (the core reshards the update like the
+      # gradient, a local slice); matrix axes as r's.
+      spec = P(None, *spec[-2:])
       out = jnp.zeros(shape, r.dtype, out_sharding=spec)
       out = out.at[basis.indices].set(r, out_sharding=spec)
     return out.reshape(basis.batch_shape + r.shape[-2:])

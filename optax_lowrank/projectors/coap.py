@@ -8,11 +8,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from optax_lowrank import shapes
+from optax_lowrank import numerics, shapes
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 from optax_lowrank.projectors.online_pca import reconstruction_error
-from optax_lowrank.projectors.randomized_svd import randomized_subspace
+from optax_lowrank.projectors.randomized_svd import (
+    _cholesky_qr2, randomized_subspace)
 from optax_lowrank.projectors.svd import (
     RightBasis, one_sided_like, one_sided_matrix, svd)
 
@@ -41,28 +42,107 @@ class COAPBasis:
   count: jax.Array
 
 
-def _one_minus_mean_cosine(x: jax.Array, g: jax.Array) -> jax.Array:
+def _live_columns(x: jax.Array) -> jax.Array:
+  """``(batch..., 1, r)``: each column of ``x`` is nonzero and finite."""
+  square = jnp.sum(jnp.square(x), axis=-2, keepdims=True)
+  return jnp.isfinite(square) & (square > 0)
+
+
+def fill_dead_columns(vectors: jax.Array, previous: jax.Array,
+                      key: jax.Array) -> jax.Array:
+  """A range find's basis vectors with its zero or non-finite ones replaced.
+
+  A gradient that is exactly zero (a layer behind a zero-initialized one) or
+  of rank below ``r`` leaves zero vectors from the range finder, and nothing
+  brings them back: the next range find starts from them (``Y = A Ω`` is zero
+  along them), and the correction step's gradient vanishes along a zero row
+  of ``P`` (both of its terms are linear in it). Each dead column is therefore
+  replaced by the previous basis's column of the same index if that one is
+  live (a zero gradient carries no information, so the old direction is
+  kept), else by a Gaussian column drawn from ``key`` (a fresh random start,
+  as at the first range find). The replacements are made orthogonal to the
+  live vectors (projected out twice, "twice is enough") and orthonormal among
+  themselves (CholeskyQR2), so the basis stays orthonormal; live vectors are
+  returned bit for bit. Only contractions over the vectors' length are used,
+  ending in ``r × r`` reductions, so a sharded basis is never gathered.
+
+  Args:
+    vectors: ``(batch..., p, r)`` float32, columns unit or zero.
+    previous: ``(batch..., p, r)``, the basis the range find replaces.
+    key: PRNG key for the Gaussian columns.
+
+  Returns:
+    ``vectors`` with every dead column replaced, same shape and sharding.
+  """
+  spec = shapes.explicit_spec(vectors)
+  batch = None if spec is None else tuple(spec[:-2])
+  small = shapes.out_sharding(None if spec is None else batch + (None, None))
+  same = shapes.out_sharding(spec)
+  live = _live_columns(vectors)
+  kept = jnp.where(live, vectors, 0.0)
+  drawn = jax.random.normal(key, vectors.shape, jnp.float32, out_sharding=same)
+  previous = previous.astype(jnp.float32)
+  fill = jnp.where(_live_columns(previous), previous, drawn)
+  fill = jnp.where(live, 0.0, fill)
+  for _ in range(2):
+    overlap = jnp.einsum("...pk,...pl->...kl", kept, fill, out_sharding=small)
+    fill = fill - jnp.einsum("...pk,...kl->...pl", kept, overlap,
+                             out_sharding=same)
+  fill = _cholesky_qr2(fill, batch)
+  return jnp.where(live, vectors, fill)
+
+
+def keep_if_moment_not_finite(new: jax.Array, old: jax.Array,
+                              moment: jax.Array) -> jax.Array:
+  """``new`` where the first moment of its matrix is finite, else ``old``.
+
+  The correction step reads the inner optimizer's first moment, which one
+  non-finite gradient can leave NaN or infinite for good (while the step's own
+  gradient is finite, so ``lowrank_project``'s guard does not apply). Such a
+  matrix keeps its basis rather than taking a step without the moment term:
+  the step's objective is ``mse · (1 − cos(M P, G))``, undefined without
+  ``M``, and a step on the reconstruction error alone is one COAP never takes
+  (its scale differs by the factor ``1 − cos`` in ``[0, 2]``). Keeping the
+  basis is what a skipped refresh does, and the next range find, which does
+  not read the moment, recomputes it on schedule.
+
+  Args:
+    new: The corrected basis matrix, ``(batch..., a, b)``.
+    old: The basis matrix before the step, same shape.
+    moment: The projected first moment, ``(batch..., c, d)``.
+
+  Returns:
+    ``new`` or ``old`` per matrix of the batch.
+  """
+  finite = jnp.all(jnp.isfinite(moment), axis=(-2, -1), keepdims=True)
+  return jnp.where(finite, new, old)
+
+
+def _one_minus_mean_cosine(x: jax.Array, g: jax.Array, x_eps=COSINE_EPS,
+                           g_eps=COSINE_EPS) -> jax.Array:
   """``1 − mean_i cos(X_i, G_i)`` over the rows of the references' matrices.
 
   ``x`` and ``g`` are in the parameter's layout ``(batch..., n, m)``, so the
   references' rows (``m`` of them, each of length ``n``) are columns here.
-  Each norm is clamped below at ``COSINE_EPS`` and differentiated as if it
-  were not, as torch's ``cosine_similarity`` does; a zero column has a zero
+  Each norm is clamped below at ``COSINE_EPS`` (``x_eps``, ``g_eps`` for
+  inputs divided by a scale: ``COSINE_EPS / scale``) and differentiated as if
+  it were not, as torch's ``cosine_similarity`` does; a zero column has a zero
   gradient through its norm.
   """
-  def unit(v):
+  def unit(v, eps):
     square = jnp.sum(jnp.square(v), axis=-2, keepdims=True)
     norm = jnp.where(square > 0, jnp.sqrt(jnp.where(square > 0, square, 1.0)),
                      0.0)
-    clamp = jax.lax.stop_gradient(jnp.maximum(norm, COSINE_EPS) - norm)
+    clamp = jax.lax.stop_gradient(jnp.maximum(norm, eps) - norm)
     return v / (norm + clamp)
 
-  cos = jnp.sum(unit(x) * unit(g), axis=-2)  # (batch..., m)
+  cos = jnp.sum(unit(x, x_eps) * unit(g, g_eps), axis=-2)  # (batch..., m)
   return 1.0 - jnp.mean(cos, axis=-1)
 
 
 def correction_loss_and_grad(
-    p: jax.Array, moment: jax.Array, g: jax.Array, side: str
+    p: jax.Array, moment: jax.Array, g: jax.Array, side: str, *,
+    moment_scale=1.0, g_scale=1.0,
 ) -> tuple[jax.Array, jax.Array]:
   """COAP's loss on the basis ``P`` and its gradient in ``P``.
 
@@ -85,6 +165,12 @@ def correction_loss_and_grad(
       m)`` (right) or ``(batch..., n, r)`` (left).
     g: The gradient, ``Gᵀ`` in the parameter's layout ``(batch..., n, m)``.
     side: ``right`` or ``left``.
+    moment_scale: ``moment`` is the first moment divided by this (an array
+      broadcasting against it, or a float); only the cosine's norm clamp
+      depends on it, which becomes ``COSINE_EPS / moment_scale``.
+    g_scale: The same for ``g``. With both scales powers of two, the loss and
+      gradient are those of the unscaled inputs divided by ``g_scale²``
+      exactly (barring underflow), which ``correction_step`` uses.
 
   Returns:
     ``(loss, grad)``: ``(batch...)`` and ``p``'s shape.
@@ -94,7 +180,13 @@ def correction_loss_and_grad(
   mse, mse_grad = error / (m * n), error_grad / (m * n)
   up = matmul.up_right if side == "right" else matmul.up_left
   x = up(p, moment)  # (M P)ᵀ or (P M)ᵀ, (batch..., n, m)
-  cosine_term, vjp = jax.vjp(lambda x: _one_minus_mean_cosine(x, g), x)
+  # Below the smallest normal float a clamp could flush to zero (0/0 on a zero
+  # column); the smallest normal is as good a clamp there.
+  tiny = jnp.finfo(jnp.float32).tiny
+  x_eps = jnp.maximum(COSINE_EPS / moment_scale, tiny)
+  g_eps = jnp.maximum(COSINE_EPS / g_scale, tiny)
+  cosine_term, vjp = jax.vjp(
+      lambda x: _one_minus_mean_cosine(x, g, x_eps, g_eps), x)
   (dx,) = vjp(jnp.ones_like(cosine_term))
   out = shapes.out_sharding(shapes.explicit_spec(p))
   if side == "right":  # X = M P: dL/dP = Mᵀ dL/dX
@@ -107,6 +199,48 @@ def correction_loss_and_grad(
   loss = mse * cosine_term
   grad = cosine_term[expand] * mse_grad + mse[expand] * cosine_grad
   return loss, grad
+
+
+def correction_step(p: jax.Array, moment: jax.Array, g: jax.Array, side: str,
+                    learning_rate: float, max_grad_norm: float) -> jax.Array:
+  """One clipped gradient step on ``correction_loss_and_grad``, overflow-safe.
+
+  ``P − learning_rate · min(1, max_grad_norm / (‖∇L‖ + CLIP_EPS)) · ∇L``, per
+  matrix (torch's ``clip_grad_norm_``). ``∇L`` grows as ``‖G‖²``, so its
+  squared norm overflowed float32 from gradients of about 1e17 (0 · inf =
+  NaN in the step). Here ``G`` and the moment are divided by powers of two
+  ``s`` and ``s_m`` near their largest entries
+  (``numerics.power_of_two_scale``), the loss's gradient is taken there
+  (``∇L / s²``: the cosine factor does not depend on either scale), and the
+  clip is written in those units:
+  ``(learning_rate · min(s², max_grad_norm / (‖∇L/s²‖ + CLIP_EPS/s²))) ·
+  ∇L/s²``. Every rescaling is by a power of two, so for gradients whose
+  ``s²`` is a normal float (``1e-19 < max |G| < 1e19``) the result is the
+  unscaled formula's bit for bit; beyond, it stays finite for any finite
+  ``G`` (the clip then always binds, and the step is ``learning_rate ·
+  max_grad_norm`` along ``∇L``'s direction, as it would be in exact
+  arithmetic).
+
+  Args:
+    p: The basis matrix, float32, as for ``correction_loss_and_grad``.
+    moment: The projected first moment, float32, finite.
+    g: The gradient ``Gᵀ``, float32, finite.
+    side: ``right`` or ``left``.
+    learning_rate: The step size.
+    max_grad_norm: The clip.
+
+  Returns:
+    The new basis matrix, shaped like ``p``.
+  """
+  g_scale = numerics.power_of_two_scale(g)
+  moment_scale = numerics.power_of_two_scale(moment)
+  _, grad = correction_loss_and_grad(
+      p, moment / moment_scale, g / g_scale, side,
+      moment_scale=moment_scale, g_scale=g_scale)
+  norm = jnp.sqrt(jnp.sum(jnp.square(grad), axis=(-2, -1), keepdims=True))
+  square = jnp.square(g_scale)  # inf beyond 1.8e19: the min picks the clip
+  factor = jnp.minimum(square, max_grad_norm / (norm + CLIP_EPS / square))
+  return p - (learning_rate * factor) * grad
 
 
 def coap(
@@ -146,6 +280,15 @@ def coap(
   since the moments are kept in the old basis's coordinates across a
   recomputation: here each recomputed vector has a non-negative inner product
   with the one it replaces, so a moment keeps pointing the same way.
+
+  Three safeguards the code does not have: a range find that leaves zero or
+  non-finite vectors (a zero gradient, e.g. behind a zero-initialized layer)
+  fills them from the previous basis or a fresh Gaussian draw
+  (``fill_dead_columns``), since nothing would revive them; a correction whose
+  first moment is not finite keeps the basis (``keep_if_moment_not_finite``);
+  and the correction is computed on power-of-two rescaled inputs
+  (``correction_step``), the same step bit for bit where the plain one is
+  finite and a finite one for any finite gradient.
 
   Args:
     reproject_factor: Every how many refreshes the basis is recomputed.
@@ -209,6 +352,7 @@ def coap(
     # image = Aᵀ Q W: the right singular vectors of QᵀA times their values.
     norm = jnp.sqrt(jnp.sum(jnp.square(image), axis=-2, keepdims=True))
     vectors = image / jnp.where(norm > 0, norm, 1.0)
+    vectors = fill_dead_columns(vectors, previous, jax.random.fold_in(key, 1))
     # The moments stay in the coordinates of the old basis: keep each vector
     # on the side of its predecessor (an SVD's signs are arbitrary).
     agree = jnp.sum(vectors * previous, axis=-2, keepdims=True)
@@ -222,10 +366,8 @@ def coap(
     basis = state.basis
     side = "right" if isinstance(basis, RightBasis) else "left"
     p = one_sided_matrix(basis).astype(jnp.float32)
-    _, grad = correction_loss_and_grad(p, moment, g, side)
-    norm = jnp.sqrt(jnp.sum(jnp.square(grad), axis=(-2, -1), keepdims=True))
-    clip = jnp.minimum(1.0, max_grad_norm / (norm + CLIP_EPS))
-    return one_sided_like(basis, p - learning_rate * clip * grad)
+    new = correction_step(p, moment, g, side, learning_rate, max_grad_norm)
+    return one_sided_like(basis, keep_if_moment_not_finite(new, p, moment))
 
   def refresh(ctx, g, state):
     def stored(branch):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jax.sharding import PartitionSpec as P
 
+from optax_lowrank import shapes
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 
@@ -37,15 +37,14 @@ class IndexBasis:
       ``m × n`` matrix for ``random_k``.
     kind: ``columns``, ``rows`` or ``random_k`` (static).
     nm: The matrix size ``(n, m)`` in the array layout (static).
-    spec: Partition spec entries of the leaf's ``(batch..., n, m)`` view
-      under an explicit mesh, or ``None`` (static).
+
+  Nothing here depends on a device mesh (shardings are read off the arrays
+  at run time).
   """
 
   indices: jax.Array
   kind: str = dataclasses.field(metadata=dict(static=True))
   nm: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
-  spec: Optional[tuple[Any, ...]] = dataclasses.field(
-      metadata=dict(static=True))
 
 
 def _random_subset(key, batch_shape, size, k):
@@ -62,8 +61,7 @@ def _index_projector(kind_of, count_of) -> Projector:
     del dtype
     kind, k = kind_of(info), count_of(info)
     return IndexBasis(
-        jnp.zeros(info.batch_shape + (k,), jnp.int32), kind, (info.n, info.m),
-        info.spec)
+        jnp.zeros(info.batch_shape + (k,), jnp.int32), kind, (info.n, info.m))
 
   def refresh(ctx, g, basis):
     key = ctx.key
@@ -73,29 +71,28 @@ def _index_projector(kind_of, count_of) -> Projector:
     return dataclasses.replace(
         basis, indices=_random_subset(key, g.shape[:-2], size, k))
 
-  # Under an explicit mesh the gather and the scatter run on replicated
-  # arrays, then the result is resharded like the leaf: a sharded gradient
-  # pays one all-gather per step here (indices are data-dependent).
-  def replicated(basis, x):
-    if basis.spec is None:
-      return x
-    return jax.sharding.reshard(x, P())
+  # Under an explicit mesh (read off the gradient, or the projected array)
+  # the gather and the scatter run on replicated arrays; down's result is
+  # resharded like the gradient, up's stays replicated (the core reshards it
+  # like the gradient, a local slice). A sharded gradient pays one all-gather
+  # per step here (indices are data-dependent).
+  def replicated(spec, x):
+    return x if spec is None else shapes.reshard_to(x, (None,) * x.ndim)
 
   def down(basis, g):
+    spec = shapes.explicit_spec(g)
     r = gather(dataclasses.replace(basis, indices=replicated(
-        basis, basis.indices)), replicated(basis, g))
-    if basis.spec is None:
+        spec, basis.indices)), replicated(spec, g))
+    if spec is None:
       return r
-    keep = {"columns": (None, basis.spec[-1]), "rows": (basis.spec[-2], None),
+    keep = {"columns": (None, spec[-1]), "rows": (spec[-2], None),
             "random_k": (None,)}[basis.kind]
-    return jax.sharding.reshard(r, P(*basis.spec[:-2], *keep))
+    return jax.sharding.reshard(r, P(*spec[:-2], *keep))
 
   def up(basis, r):
-    u = scatter(dataclasses.replace(basis, indices=replicated(
-        basis, basis.indices)), replicated(basis, r))
-    if basis.spec is None:
-      return u
-    return jax.sharding.reshard(u, P(*basis.spec))
+    spec = shapes.explicit_spec(r)
+    return scatter(dataclasses.replace(basis, indices=replicated(
+        spec, basis.indices)), replicated(spec, r))
 
   def gather(basis, g):
     idx = basis.indices

@@ -97,31 +97,32 @@ class DCTBasis:
     side: ``left`` (rows ``m`` projected, ``size = m``) or ``right``
       (columns ``n``, ``size = n``), in the references' orientation (static).
     size: Size of ``Q`` (static).
-    spec: Partition spec entries of the leaf's ``(batch..., n, m)`` view
-      under an explicit mesh, or ``None`` (static).
+
+  Nothing here depends on a device mesh: the indices are sharded like the
+  leaf's batch axes, and ``down`` shards ``Q[:, indices]`` like the gradient.
   """
 
   indices: jax.Array
   side: str = dataclasses.field(metadata=dict(static=True))
   size: int = dataclasses.field(metadata=dict(static=True))
-  spec: Optional[tuple[Any, ...]] = dataclasses.field(
-      metadata=dict(static=True))
 
-  def matrix(self) -> jax.Array:
+  def matrix(self, leaf_spec: Optional[tuple[Any, ...]] = None) -> jax.Array:
     """``Q[:, indices]`` in float32: ``(batch..., size, r)`` on the left (a
     GaLore ``U``), its transpose ``(batch..., r, size)`` on the right (a
-    ``Vh``), sharded like the leaf along ``size``."""
+    ``Vh``).
+
+    Args:
+      leaf_spec: Under an explicit mesh, the partition spec entries of the
+        leaf's ``(batch..., n, m)`` view, to shard the matrix like it along
+        ``size``; ``None``: as the indices (batch axes only).
+    """
     iota = jnp.arange(self.size, dtype=jnp.int32)
     if self.side == "left":
       x = _entries(iota[:, None], self.indices[..., None, :], self.size)
     else:
       x = _entries(iota[None, :], self.indices[..., :, None], self.size)
-    if self.spec is None:
-      return x
-    batch = self.spec[:-2]
-    out = (*batch, self.spec[-1], None) if self.side == "left" else (
-        *batch, None, self.spec[-2])
-    return jax.sharding.reshard(x, P(*out))
+    return shapes.reshard_to(x, shapes.partition(
+        leaf_spec, "mr" if self.side == "left" else "rn"))
 
 
 def dct(proj_type: str = "std", *, norm: str = "l1") -> Projector:
@@ -206,7 +207,7 @@ def dct(proj_type: str = "std", *, norm: str = "l1") -> Projector:
     # The lowest frequencies until the first refresh (always at step 0).
     indices = info.zeros("r", jnp.int32) + jnp.arange(info.rank,
                                                       dtype=jnp.int32)
-    return DCTBasis(indices, side, size, info.spec)
+    return DCTBasis(indices, side, size)
 
   def refresh(ctx, g, basis):
     del ctx
@@ -231,9 +232,10 @@ def dct(proj_type: str = "std", *, norm: str = "l1") -> Projector:
         basis, indices=jnp.sort(idx, axis=-1).astype(jnp.int32))
 
   def down(basis, g):
+    q = basis.matrix(shapes.explicit_spec(g))
     if basis.side == "left":
-      return matmul.down_left(basis.matrix(), g)
-    return matmul.down_right(basis.matrix(), g)
+      return matmul.down_left(q, g)
+    return matmul.down_right(q, g)
 
   def up(basis, r):
     if basis.side == "left":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,10 @@ class GranularBasis:
     n: Columns before regrouping (static).
     m2: Rows of the regrouped matrix (static).
     n2: Columns of the regrouped matrix (static).
-    spec: Partition spec entries of the leaf's ``(batch..., n, m)`` view, or
-      ``None`` (static); ``up`` returns updates sharded like this.
+
+  Nothing here depends on a device mesh: ``down`` regroups the gradient as
+  it is sharded, and ``up`` ungroups as the wrapped projector's output is
+  (the core then reshards the update like the gradient).
   """
 
   basis: Any
@@ -32,8 +34,6 @@ class GranularBasis:
   n: int = dataclasses.field(metadata=dict(static=True))
   m2: int = dataclasses.field(metadata=dict(static=True))
   n2: int = dataclasses.field(metadata=dict(static=True))
-  spec: Optional[tuple[Any, ...]] = dataclasses.field(
-      metadata=dict(static=True))
 
 
 def granular(projector: Projector, granularity) -> Projector:
@@ -90,7 +90,7 @@ def granular(projector: Projector, granularity) -> Projector:
     inner_info = shapes.MatrixInfo(
         info.batch_shape, m2, n2, info.rank, inner_spec, std_side=side)
     return GranularBasis(projector.init(inner_info, dtype), info.m, info.n,
-                         m2, n2, info.spec)
+                         m2, n2)
 
   def refresh(ctx, g, basis):
     # The parameters are regrouped like the gradient, so that a projector
@@ -105,7 +105,6 @@ def granular(projector: Projector, granularity) -> Projector:
     return projector.down(basis.basis, shapes.regroup(g, basis.m2, basis.n2))
 
   def up(basis, r):
-    return shapes.ungroup(projector.up(basis.basis, r), basis.m, basis.n,
-                          basis.spec)
+    return shapes.ungroup(projector.up(basis.basis, r), basis.m, basis.n)
 
   return Projector(init, refresh, down, up)

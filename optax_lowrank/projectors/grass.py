@@ -38,34 +38,36 @@ class SparseBasis:
     side: ``left`` (rows ``m`` of the references' ``G`` kept, ``size = m``)
       or ``right`` (columns ``n``, ``size = n``) (static).
     size: Length of the projected axis (static).
-    spec: Partition spec entries of the leaf's ``(batch..., n, m)`` view
-      under an explicit mesh, or ``None`` (static).
+
+  Nothing here depends on a device mesh: indices and scales are sharded like
+  the leaf's batch axes, and under an explicit mesh ``down`` shards ``P``
+  like the gradient.
   """
 
   indices: jax.Array
   scales: jax.Array
   side: str = dataclasses.field(metadata=dict(static=True))
   size: int = dataclasses.field(metadata=dict(static=True))
-  spec: Optional[tuple[Any, ...]] = dataclasses.field(
-      metadata=dict(static=True))
 
-  def matrix(self) -> jax.Array:
+  def matrix(self, leaf_spec: Optional[tuple[Any, ...]] = None) -> jax.Array:
     """``P = (ρ B)ᵀ`` as a dense float32 matrix: ``(batch..., size, r)`` on
-    the left, its transpose ``(batch..., r, size)`` on the right, sharded like
-    the leaf along ``size`` (used under an explicit mesh)."""
+    the left, its transpose ``(batch..., r, size)`` on the right (used under
+    an explicit mesh).
+
+    Args:
+      leaf_spec: The partition spec entries of the leaf's ``(batch..., n,
+        m)`` view, to shard ``P`` like it along ``size``; ``None``: as the
+        indices (batch axes only).
+    """
     iota = jnp.arange(self.size, dtype=jnp.int32)
     if self.side == "left":
       x = jnp.where(iota[:, None] == self.indices[..., None, :],
                     self.scales[..., None, :], 0.0)
-      out = None if self.spec is None else (
-          *self.spec[:-2], self.spec[-1], None)
     else:
       x = jnp.where(self.indices[..., :, None] == iota[None, :],
                     self.scales[..., :, None], 0.0)
-      out = None if self.spec is None else (
-          *self.spec[:-2], None, self.spec[-2])
-    x = x.astype(jnp.float32)
-    return x if out is None else jax.sharding.reshard(x, P(*out))
+    return shapes.reshard_to(x.astype(jnp.float32), shapes.partition(
+        leaf_spec, "mr" if self.side == "left" else "rn"))
 
 
 # In the array layout (batch..., n, m): columns n are axis -2, rows m axis -1.
@@ -144,7 +146,7 @@ def grass(
 
   Returns:
     A ``Projector`` whose basis is a ``SparseBasis``. Under an explicit
-    mesh ``down`` and ``up`` become matmuls with the sharded ``P``
+    mesh ``down`` and ``up`` become matmuls with ``P``
     (``SparseBasis.matrix``): one reduction of the ``r`` kept rows instead of
     gathering the whole gradient.
 
@@ -181,7 +183,7 @@ def grass(
     indices = info.zeros("r", jnp.int32) + jnp.arange(info.rank,
                                                       dtype=jnp.int32)
     scales = info.zeros("r", jnp.float32) + 1.0
-    return SparseBasis(indices, scales, side, size, info.spec)
+    return SparseBasis(indices, scales, side, size)
 
   def refresh(ctx, g, basis):
     key = ctx.key
@@ -215,15 +217,18 @@ def grass(
       scales = jax.sharding.reshard(scales, out)
     return dataclasses.replace(basis, indices=idx, scales=scales)
 
+  # Under an explicit mesh (read off the arrays) the matmul forms, without one
+  # (or under Auto axes) the gather and scatter.
   def down(basis, g):
-    if basis.spec is None:
+    spec = shapes.explicit_spec(g)
+    if spec is None:
       return _gather(basis, g)
     if basis.side == "left":
-      return matmul.down_left(basis.matrix(), g)
-    return matmul.down_right(basis.matrix(), g)
+      return matmul.down_left(basis.matrix(spec), g)
+    return matmul.down_right(basis.matrix(spec), g)
 
   def up(basis, r):
-    if basis.spec is None:
+    if shapes.explicit_spec(r) is None:
       return _scatter_add(basis, r)
     if basis.side == "left":
       return matmul.up_left(basis.matrix(), r)

@@ -48,16 +48,26 @@ def side(proj_type: str, m: int, n: int, std_side: Optional[str] = None) -> str:
 
 
 def down_left(u: jax.Array, g: jax.Array) -> jax.Array:
-  """``(Uᵀ G)ᵀ = g U``, ``(batch..., n, r)``: the rows ``m`` are projected."""
+  """``(Uᵀ G)ᵀ = g U``, ``(batch..., n, r)``: the rows ``m`` are projected.
+
+  Under explicit sharding ``u`` is first sharded like ``g`` along the axis
+  they contract (a no-op for a basis born so; a local slice for one kept
+  whole), so ``g`` is never gathered.
+  """
   spec = shapes.explicit_spec(g)
+  u = shapes.reshard_to(u, shapes.partition(spec, "mr"))
   out = None if spec is None else (*spec[:-1], None)
   return jnp.einsum("...nm,...mr->...nr", g, u.astype(g.dtype),
                     out_sharding=shapes.out_sharding(out))
 
 
 def down_right(vh: jax.Array, g: jax.Array) -> jax.Array:
-  """``(G Vᵀ)ᵀ = V g``, ``(batch..., r, m)``: the columns ``n`` are projected."""
+  """``(G Vᵀ)ᵀ = V g``, ``(batch..., r, m)``: the columns ``n`` are projected.
+
+  ``vh`` is sharded like ``g`` along ``n`` first, as in ``down_left``.
+  """
   spec = shapes.explicit_spec(g)
+  vh = shapes.reshard_to(vh, shapes.partition(spec, "rn"))
   out = None if spec is None else (*spec[:-2], None, spec[-1])
   return jnp.einsum("...rn,...nm->...rm", vh.astype(g.dtype), g,
                     out_sharding=shapes.out_sharding(out))

@@ -29,26 +29,30 @@ class KeyBasis:
     side: ``left`` or ``right`` (static).
     shape: Shape of the drawn matrix, ``(batch..., m, r)`` on the left or
       ``(batch..., r, n)`` on the right (static).
-    spec: Partition spec entries of the drawn matrix under an explicit mesh,
-      taken from the leaf, or ``None`` (static).
     distribution: ``gaussian`` or ``rademacher`` (static).
     std: ``rank``, ``unit`` or ``orthonormal`` (static).
+
+  Nothing here depends on a device mesh: ``down`` and ``up`` pass the
+  sharding to draw with (``matrix(spec)``), read off the gradient.
   """
 
   key: jax.Array
   side: str = dataclasses.field(metadata=dict(static=True))
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  spec: Optional[tuple[Any, ...]] = dataclasses.field(
-      metadata=dict(static=True))
   distribution: str = dataclasses.field(metadata=dict(static=True))
   std: str = dataclasses.field(metadata=dict(static=True))
 
-  def matrix(self) -> jax.Array:
-    """The float32 matrix this key draws (what ``down`` and ``up`` use)."""
+  def matrix(self, spec: Optional[tuple[Any, ...]] = None) -> jax.Array:
+    """The float32 matrix this key draws (what ``down`` and ``up`` use).
+
+    Args:
+      spec: Partition spec entries to draw it with under an explicit mesh
+        (the values do not depend on them), or ``None``.
+    """
     key = jax.random.wrap_key_data(self.key)
     rank = self.shape[-1] if self.side == "left" else self.shape[-2]
     sharding = None if self.std == "orthonormal" else shapes.out_sharding(
-        self.spec)
+        spec)
     draw = (jax.random.normal if self.distribution == "gaussian"
             else jax.random.rademacher)
     x = draw(key, self.shape, jnp.float32, out_sharding=sharding)
@@ -59,8 +63,7 @@ class KeyBasis:
       q, r = jnp.linalg.qr(tall)
       q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
       x = q if self.side == "left" else jnp.swapaxes(q, -1, -2)
-      if self.spec is not None:
-        x = jax.sharding.reshard(x, shapes.out_sharding(self.spec))
+      x = shapes.reshard_to(x, spec)
     return x
 
 
@@ -123,21 +126,29 @@ def random(
     data = jax.random.key_data(jax.random.key(0))
     return KeyBasis(
         jnp.zeros(data.shape, data.dtype), side, info.shape(dims),
-        info.partition(dims), distribution, std,
+        distribution, std,
     )
 
   def refresh(ctx, g, basis):
     del g
     return dataclasses.replace(basis, key=jax.random.key_data(ctx.key))
 
+  # Drawn sharded like the gradient along the axis it contracts (down), or
+  # like the projected array along the axes it keeps (up; the core reshards
+  # up's output like the gradient, a local slice).
   def down(basis, g):
+    spec = shapes.partition(shapes.explicit_spec(g),
+                            "mr" if basis.side == "left" else "rn")
     if basis.side == "left":
-      return matmul.down_left(basis.matrix(), g)
-    return matmul.down_right(basis.matrix(), g)
+      return matmul.down_left(basis.matrix(spec), g)
+    return matmul.down_right(basis.matrix(spec), g)
 
   def up(basis, r):
+    spec = shapes.explicit_spec(r)
+    if spec is not None:  # batch axes as r, the drawn side unsharded
+      spec = (*spec[:-2], None, None)
     if basis.side == "left":
-      return matmul.up_left(basis.matrix(), r)
-    return matmul.up_right(basis.matrix(), r)
+      return matmul.up_left(basis.matrix(spec), r)
+    return matmul.up_right(basis.matrix(spec), r)
 
   return Projector(init, refresh, down, up)
