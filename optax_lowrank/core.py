@@ -34,10 +34,13 @@ array) nor on a device mesh.
 
 Gradient accumulation in the subspace (``accumulation.MultiSteps``) splits an
 update in two phases, asked for through the extra argument
-``ACCUMULATION_ARG``: ``project`` (refresh if due, on the first micro-batch
-only, and project) and ``apply`` (inner optimizer and combine rule on the
-accumulated projected gradients); the projected gradients travel in
-``LowRankState.projected``.
+``ACCUMULATION_ARG`` (an ``AccumulationStep`` request): ``project`` (refresh
+if due, on the first micro-batch only, project, and hand the request a
+``LowRankAccumulator`` with the projected gradients, the input at the other
+leaves and the window's bases; nothing else is computed or updated) and
+``apply`` (the accumulated means replace this transform's input: inner
+optimizer, refresh policy and combine rule run once, with the window's
+bases).
 """
 
 from __future__ import annotations
@@ -86,36 +89,101 @@ class LowRankState(NamedTuple):
     combine_states: ``{path: state}``: the combine rule's state of each
       projected leaf (empty for stateless rules).
     inner_state: The inner transform's state over the projected tree.
-    projected: ``()``, except while ``MultiSteps`` accumulates gradients in
-      the subspace: then it carries projected gradients between it and this
-      transform (a tree like the parameters, ``optax.MaskedNode`` at leaves
-      that are not projected), never stored across steps.
   """
 
   count: jax.Array
   bases: dict[str, LeafBasis]
   combine_states: dict[str, Any]
   inner_state: optax.OptState
-  projected: Any = ()
 
 
 ACCUMULATION_ARG = "lowrank_accumulation"
 
 
-class AccumulationStep(NamedTuple):
-  """What ``MultiSteps`` asks of ``lowrank_project`` (passed as an extra arg).
+class LowRankAccumulator(NamedTuple):
+  """One ``lowrank_project``'s share of a micro-batch, under ``MultiSteps``.
+
+  Handed to the ``AccumulationStep`` request in the ``project`` phase (one
+  micro-batch), and back in the ``apply`` phase (``projected`` and
+  ``unprojected`` then hold the accumulated means, or sums). Trees are
+  shaped like the transform's input, with ``optax.MaskedNode()`` where the
+  other field holds the leaf.
 
   Attributes:
-    phase: ``project``: refresh the subspace if due (only when ``first``),
-      project the gradient and return it in ``LowRankState.projected``
-      without updating anything else; ``apply``: run the inner optimizer and
-      the combine rule on the projected gradients found in
-      ``LowRankState.projected`` (no refresh, the full gradient unused).
-    first: A bool scalar: this is the first micro-batch of the step.
+    projected: The projected gradient ``down(basis, G)`` of each projected
+      leaf (``MaskedNode`` at the other leaves).
+    unprojected: The input itself at the leaves that are not projected
+      (``MaskedNode`` at projected leaves).
+    bases: ``{path: basis}``: the basis each projected leaf uses in this
+      accumulation window (refreshed on its first micro-batch when due).
   """
 
-  phase: str
-  first: Any = True
+  projected: Any
+  unprojected: Any
+  bases: dict[str, Any]
+
+
+class AccumulationStep:
+  """What ``MultiSteps`` asks of each ``lowrank_project`` (an extra arg).
+
+  Passed as ``**{ACCUMULATION_ARG: request}`` to the wrapped optimizer's
+  ``update``; every ``lowrank_project`` inside it, wherever it sits, takes
+  the next slot (``take``, in call order) and:
+
+  - ``project``: refreshes its bases if due (only when ``first``; later
+    micro-batches use the window's bases from its inbox slot), projects, and
+    ``post``s a ``LowRankAccumulator``; it returns its input and its state
+    unchanged, so nothing else of that call is kept.
+  - ``apply``: takes the accumulated ``LowRankAccumulator`` from its inbox
+    slot as its input (the incoming updates are ignored, only their
+    structure is read), and runs the inner optimizer, the refresh policy and
+    the combine rule once, with the window's bases.
+
+  A ``lowrank_project`` whose combine rule reads the full gradient (APOLLO,
+  Fira, FRUGAL, Flora) takes no slot: it returns at once in ``project`` and
+  updates as without a request in ``apply``, on the raw gradients that
+  ``MultiSteps`` then accumulates at full size.
+
+  A request lives inside one trace: the posted values are read by
+  ``MultiSteps`` right after the call (it checks at ``init`` that no
+  ``lax.cond``, ``scan``, ``vmap`` or ``jit`` between them traps a value in
+  an inner trace).
+
+  Attributes:
+    phase: ``"project"`` or ``"apply"``.
+    first: A bool scalar: the first accumulated micro-batch of the window.
+    inbox: One ``LowRankAccumulator`` per ``lowrank_project`` (call order):
+      the window's bases (``project``) or the accumulated means (``apply``);
+      empty at ``init``, where each uses its stored bases.
+    record_inputs: Also record each transform's input (``inputs``), for the
+      linearity check at ``init``.
+    outbox: The posted ``LowRankAccumulator`` values (``project``).
+    inputs: The recorded inputs.
+  """
+
+  def __init__(self, phase: str, first: Any = False,
+               inbox: tuple[LowRankAccumulator, ...] = (),
+               record_inputs: bool = False):
+    if phase not in ("project", "apply"):
+      raise ValueError(f"phase must be 'project' or 'apply', got {phase!r}")
+    self.phase = phase
+    self.first = first
+    self.inbox = tuple(inbox)
+    self.record_inputs = record_inputs
+    self.outbox: list[LowRankAccumulator] = []
+    self.inputs: list[Any] = []
+    self._taken = 0
+
+  def take(self) -> Optional[LowRankAccumulator]:
+    """The calling transform's inbox slot (``None`` past the inbox's end)."""
+    i, self._taken = self._taken, self._taken + 1
+    return self.inbox[i] if i < len(self.inbox) else None
+
+  def post(self, mail: LowRankAccumulator, inputs: Any) -> None:
+    """Hands back one transform's share of the micro-batch (``project``)."""
+    self.outbox.append(mail)
+    if self.record_inputs:
+      self.inputs.append(inputs)
 
 
 def _validate_scale(scale):
@@ -437,41 +505,52 @@ def lowrank_project(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    accumulation = extra_args.pop(ACCUMULATION_ARG, None)
-    applying = accumulation is not None and accumulation.phase == "apply"
+    request = extra_args.pop(ACCUMULATION_ARG, None)
     plans, treedef = plan(updates)
     inner_tx = inner_for(plans, treedef)
     groups = _groups(plans, group_fn)
     num_groups = 1 + max((g for g in groups if g is not None), default=-1)
-    if applying and combine.reads_gradient and num_groups:
-      raise ValueError(
-          "This lowrank_project's combine rule reads the full gradient (as "
-          "APOLLO, Fira, FRUGAL and Flora do), so its gradients cannot be "
-          "accumulated in the subspace; use optax.MultiSteps instead."
-      )
     grads = treedef.flatten_up_to(updates)
+    for g, p in zip(grads, plans):
+      _check_leaf(p, g, state.bases)
+    if request is not None and combine.reads_gradient and num_groups:
+      # The rule reads the full gradient, so nothing can be accumulated at
+      # projected size: this transform takes no part, and MultiSteps
+      # accumulates the raw gradients it reads (optax.MultiSteps's way).
+      if request.phase == "project":
+        return updates, state
+      request = None
+    slot = None if request is None else request.take()
+    projecting = request is not None and request.phase == "project"
+    applying = (request is not None and request.phase == "apply"
+                and slot is not None)
     params_leaves = (
         [None] * len(grads) if params is None
         else treedef.flatten_up_to(params))
-    for g, p in zip(grads, plans):
-      _check_leaf(p, g, state.bases)
     step = state.count
     base_key = jax.random.fold_in(jax.random.key(seed), step)
     first_moments = (
         moments.first_moments(inner_tx, state.inner_state, treedef)
         if projector.reads_first_moment and not applying
         else [None] * len(grads))
-    accumulated = (treedef.flatten_up_to(state.projected) if applying
-                   else [None] * len(grads))
+    accumulated = [None] * len(grads)
+    if applying:  # the window's means replace the incoming updates
+      accumulated = treedef.flatten_up_to(slot.projected)
+      grads = [g if p is not None else u for g, u, p in zip(
+          grads, treedef.flatten_up_to(slot.unprojected), plans)]
 
     # Step 1: refresh the bases that are due and project the gradients.
     def project(p, group, g, w, first_moment, r):
       old = state.bases[p.name].basis
-      if applying:  # the subspace was set by the accumulation's first step
-        return _Projected(None, old, r, None)
       refresh = refresh_schedule(step, group, num_groups)
-      if accumulation is not None:
-        refresh = jnp.logical_and(refresh, accumulation.first)
+      if applying:  # the window's basis, refreshed on its first micro-batch
+        return _Projected(None, slot.bases[p.name], r, refresh)
+      if projecting:
+        refresh = jnp.logical_and(refresh, request.first)
+        if slot is not None:  # later micro-batches keep the window's basis
+          old = jax.tree.map(
+              lambda stored, window: jnp.where(request.first, stored, window),
+              old, slot.bases[p.name])
       ctx = RefreshContext(
           step=step,
           key=jax.random.fold_in(base_key, group),
@@ -486,6 +565,17 @@ def lowrank_project(
         for p, group, g, w, m, r in zip(
             plans, groups, grads, params_leaves, first_moments, accumulated)
     ]
+    if projecting:
+      request.post(LowRankAccumulator(
+          projected=treedef.unflatten([
+              optax.MaskedNode() if x is None else x.r for x in projected]),
+          unprojected=treedef.unflatten([
+              g if x is None else optax.MaskedNode()
+              for g, x in zip(grads, projected)]),
+          bases={p.name: x.basis for p, x in zip(plans, projected)
+                 if p is not None},
+      ), updates)
+      return updates, state
     bases = {
         p.name: dataclasses.replace(state.bases[p.name], basis=x.basis)
         for p, x in zip(plans, projected) if p is not None
@@ -508,13 +598,6 @@ def lowrank_project(
         ],
         fresh_state_fn=lambda: inner_tx.init(reduced_tree),
     )
-    if accumulation is not None and accumulation.phase == "project":
-      return updates, state._replace(
-          bases=bases,
-          inner_state=inner_state,
-          projected=treedef.unflatten([
-              optax.MaskedNode() if x is None else x.r for x in projected]),
-      )
 
     # Step 3: the inner optimizer on the tree of projected gradients, with
     # the parameters projected alike.

@@ -145,8 +145,15 @@ def build_accumulating(name: str, args, schedule, mask, dims, params):
   """`optax_lowrank.MultiSteps` over `--micro-batches` for `--accumulate` auto/subspace.
 
   Returns None where gradients are accumulated at full size instead: one micro-batch,
-  `--accumulate full`, an optimizer that projects nothing (adamw), or `auto` with an
-  optimizer whose update reads the full gradient (APOLLO, Fira, FRUGAL, Flora). `params` may be abstract (`jax.ShapeDtypeStruct`s).
+  `--accumulate full`, or `auto` with an optimizer that accumulates nothing at projected
+  size: one that projects nothing (adamw), one whose update reads the full gradient
+  (APOLLO, Fira, FRUGAL, Flora), or one that `MultiSteps` refuses. `--accumulate
+  subspace` raises for those instead. `params` may be abstract
+  (`jax.ShapeDtypeStruct`s).
+
+  The optimizer is built without `--clip`: a global-norm clip before the projection
+  cannot be applied to the mean at projected size (`MultiSteps` refuses it), so the
+  subspace train step clips each micro-batch instead.
   """
   if args.micro_batches == 1 or args.accumulate == "full":
     return None
@@ -160,6 +167,11 @@ def build_accumulating(name: str, args, schedule, mask, dims, params):
     if args.accumulate == "subspace":
       raise ValueError(f"--accumulate subspace: {e}") from None
     return None
-  if not state.acc_projected:  # nothing is projected: the plain full-size path
+  if not tx.accumulates_projected(state):  # the plain full-size path
+    if args.accumulate == "subspace":
+      raise ValueError(
+          f"--accumulate subspace: {name} accumulates nothing at projected size (it "
+          "projects nothing, or its update reads the full gradient); use --accumulate "
+          "full or auto")
     return None
   return tx
