@@ -1,7 +1,9 @@
 """Optimizer registry: name → factory(args, schedule, mask, dimension_numbers).
 
-`args` is the trainer's parsed flags; `mask` and `dimension_numbers` come from
-`models.lowrank_spec` (derived from the model, never typed by hand). `optax_lowrank` is
+`args` is the trainer's parsed flags; `mask` (which leaves are projected) and
+`dimension_numbers` come from `models.lowrank_spec` (derived from the model, never typed
+by hand) and reach a library alias as `projection_mask` and `dimension_numbers` (its
+`mask` is the weight-decay mask, as in `optax.adamw`). `optax_lowrank` is
 imported lazily inside the factories, so `adamw` runs without it. Names from a registry
 `optax_lowrank.optimizers` (dict name → factory), when the library has one, are added.
 """
@@ -52,29 +54,39 @@ def _from_library(factory: Callable) -> Factory:
   def build(args, schedule, mask, dims):
     offered = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
                    proj_type=args.proj_type, b1=args.b1, b2=args.b2, eps=args.eps,
-                   weight_decay=args.weight_decay, mask=mask, dimension_numbers=dims,
-                   peak_learning_rate=args.lr)
+                   weight_decay=args.weight_decay, projection_mask=mask,
+                   dimension_numbers=dims, peak_learning_rate=args.lr)
+    # A functools.partial (apollo_mini) shows the parameters it still takes.
     takes = set(inspect.signature(factory).parameters) - {"learning_rate"}
+    name = _name(factory)
     # Unset flags (None) leave the optimizer's own defaults in place; a flag the user
     # set that the optimizer does not take is an error, not silently dropped.
     kwargs = {k: v for k, v in offered.items() if v is not None}
     dropped = sorted(k for k in kwargs if k not in takes and k not in _ALWAYS)
     if dropped:
       flags = ", ".join("--" + k.replace("_", "-") for k in dropped)
-      raise ValueError(f"{factory.__name__} takes no {flags}; its arguments are "
+      raise ValueError(f"{name} takes no {flags}; its arguments are "
                        f"{sorted(takes)} (pass others with --opt-args K=V)")
     kwargs = {k: v for k, v in kwargs.items() if k in takes}
     extra = dict(getattr(args, "opt_args", None) or {})
     unknown = sorted(k for k in extra if k not in takes)
     if unknown:
-      raise ValueError(f"--opt-args: {factory.__name__} takes no {unknown}; its "
+      raise ValueError(f"--opt-args: {name} takes no {unknown}; its "
                        f"arguments are {sorted(takes)}")
     return factory(schedule, **{**kwargs, **extra})
   return build
 
 
+def _name(factory: Callable) -> str:
+  """A factory's name, also for a `functools.partial` without one."""
+  while not hasattr(factory, "__name__") and hasattr(factory, "func"):
+    factory = factory.func
+  return getattr(factory, "__name__", repr(factory))
+
+
 # Offered to every factory; dropped without a word when it does not take them.
-_ALWAYS = frozenset({"mask", "dimension_numbers", "weight_decay", "peak_learning_rate"})
+_ALWAYS = frozenset({"projection_mask", "dimension_numbers", "weight_decay",
+                     "peak_learning_rate"})
 
 
 def available() -> dict[str, Factory]:
