@@ -381,20 +381,41 @@ def test_bad_values_are_refused_naming_the_argument(name):
   FRUGAL's ``subspace``), never an internal one."""
   factory = ol.optimizers[name]
   params = inspect.signature(factory).parameters
-  missing = [p for p in params if p not in BAD]
-  assert not missing, f"no bad values for {missing}: add them to BAD"
-  accepted = []
+  accepted, misnamed = [], []
   for p in params:
-    for value in BAD_FOR.get((name, p), BAD[p]):
+    for value in BAD_FOR.get((name, p), BAD.get(p, [])):
       kwargs = dict(SMALL_KWARGS[name], learning_rate=1e-3)
       kwargs[p] = value
       try:
         factory(**kwargs)
       except ValueError as e:
-        assert f"`{p}`" in str(e), (name, p, value, str(e))
+        if f"`{p}`" not in str(e):
+          misnamed.append((p, value, str(e)))
       else:
         accepted.append((p, value))
-  assert not accepted, (name, accepted)
+  assert not accepted, (name, "accepted", accepted)
+  assert not misnamed, (name, "errors not naming the argument", misnamed)
+  missing = [p for p in params if p not in BAD]
+  assert not missing, f"no bad values for {missing}: add them to BAD"
+
+
+@pytest.mark.parametrize("factory, kwargs, match", [
+    # Accepted, then wrong (issue 14): a refresh every step, an infinite step, nan.
+    (ol.galore, dict(update_proj_gap=True), "`update_proj_gap`"),
+    (ol.galore, dict(scale=np.float32("inf")), "`scale`"),
+    (ol.apollo, dict(scale=float("inf")), "`scale`"),
+    (ol.frugal, dict(density=True), "`density`"),
+    *[(f, dict(eps=float("nan")), "`eps`") for f in ol.optimizers.values()],
+    # Errors that named an internal argument instead of the one passed.
+    (ol.flora, dict(kappa=0), "`kappa`"),
+    (ol.q_galore, dict(proj_bits=3), "`proj_bits`"),
+    (ol.frugal, dict(subspace="diagonal"), "`subspace`"),
+    (ol.flora, dict(clipping_threshold=0.0), "`clipping_threshold`"),
+    (ol.q_galore, dict(gamma_proj=1), "`gamma_proj`"),
+])
+def test_issue_14_values_are_refused_naming_the_argument(factory, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    factory(1e-3, **kwargs)
 
 
 def test_cross_argument_errors_name_the_arguments():
