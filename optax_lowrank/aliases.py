@@ -53,6 +53,7 @@ import functools
 import inspect
 import math
 import operator
+import warnings
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple, Optional, Union
 
@@ -1211,9 +1212,12 @@ def osd(
     proj_type: ``std`` (``None``, the default), ``reverse_std``, ``left`` or
       ``right``.
     peak_learning_rate: ``lr_peak`` (the reference's initial ``lr``
-      argument); needed when ``learning_rate`` is a schedule. Under
-      ``optax.inject_hyperparams`` the alias receives the schedule's current
-      value: give ``peak_learning_rate`` there too, or the ratio is 1.
+      argument), for a ``learning_rate`` schedule: without it the basis step
+      does not follow the schedule (``lr_t/lr_peak`` is taken as 1, with a
+      warning). Under ``optax.inject_hyperparams`` the alias receives the
+      schedule's current value: give ``peak_learning_rate`` there too, or the
+      ratio is 1. With a constant ``learning_rate`` the ratio is
+      ``learning_rate / peak_learning_rate`` (1 without it).
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon.
@@ -1233,11 +1237,14 @@ def osd(
     <https://arxiv.org/abs/2408.12857>`_, NeurIPS 2024; code:
     github.com/kyleliang919/Online-Subspace-Descent.
   """
-  if callable(learning_rate):
-    if peak_learning_rate is None:
-      raise ValueError(
-          "`peak_learning_rate` must be a positive float when `learning_rate` "
-          "is a schedule (the basis step follows lr_t/lr_peak), got None")
+  if callable(learning_rate) and peak_learning_rate is None:
+    warnings.warn(
+        "osd: `learning_rate` is a schedule but `peak_learning_rate` is None, "
+        "so the basis step stays 1/update_proj_gap; give the schedule's peak "
+        "as `peak_learning_rate` for the reference's lr_t/lr_peak.",
+        stacklevel=3)
+    lr_ratio = None
+  elif callable(learning_rate):
     lr_ratio = lambda step: learning_rate(step) / peak_learning_rate
   elif peak_learning_rate is not None:
     lr_ratio = lambda step: learning_rate / peak_learning_rate

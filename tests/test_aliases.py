@@ -484,3 +484,9 @@ def test_variants_are_partials_the_trainer_can_call():
 def test_a_traced_static_argument_names_the_recipe():
   with pytest.raises(ValueError, match=r"`granularity`.*STATIC_ARGS\['vlorp'\]"):
     jax.jit(lambda c: ol.vlorp(1e-3, granularity=c).init({"w": jnp.ones((8, 8))}))(4)
+
+
+def test_osd_takes_a_schedule_without_its_peak_with_a_warning():
+  """optax's harness passes a schedule alone; the basis step then does not follow it."""
+  with pytest.warns(UserWarning, match="peak_learning_rate"):
+    ol.osd(optax.constant_schedule(1e-3), rank=4)
