@@ -254,7 +254,7 @@ def measure(row: Row, size: str, dtype: str, cache: dict) -> dict:
   _, params, mask, dims = cache[key]
   kwargs = dict(row.kwargs(size))
   if row.spec:
-    for name, value in (("mask", mask), ("dimension_numbers", dims)):
+    for name, value in (("projection_mask", mask), ("dimension_numbers", dims)):
       if _accepts(row.factory, name):
         kwargs[name] = value
   tx = row.factory(1e-3, **kwargs)
@@ -309,7 +309,7 @@ def measure_accumulation(size: str, dtype: str, k: int, cache: dict) -> dict:
   _, params, mask, dims = cache[key]
   c, r = VLORP_ACCUM_LEVEL
   vlorp = lambda: optax_lowrank.vlorp(  # noqa: E731
-      1e-3, rank=r, granularity=c, mask=mask, dimension_numbers=dims)
+      1e-3, rank=r, granularity=c, projection_mask=mask, dimension_numbers=dims)
   setups = {
       "adamw + optax.MultiSteps": (
           optax.MultiSteps(optax.adamw(1e-3), k), lambda st: st.acc_grads),

@@ -350,7 +350,7 @@ def quantized_memory(sizes) -> dict:
     rank = mem_bench.GALORE_RANK[s]
     for dkey, dtype in mem_bench.DTYPES.items():
       _, params, mask, dims = mem_bench.with_dtype(built, dtype)
-      lowrank = dict(mask=mask, dimension_numbers=dims)
+      lowrank = dict(projection_mask=mask, dimension_numbers=dims)
       txs = {
           "adamw": optax.adamw(1e-3),
           "galore": optax_lowrank.galore(1e-3, rank=rank, **lowrank),

@@ -162,7 +162,7 @@ def make_optimizers(rank: int, gap: int, mask_fn: Callable,
       ),
       "optax_lowrank.galore": dict(
           tx=optax_lowrank.galore(
-              1e-3, rank=rank, update_proj_gap=gap, scale=0.25, mask=mask_fn
+              1e-3, rank=rank, update_proj_gap=gap, scale=0.25, projection_mask=mask_fn
           ),
           galore=True,
           projects=(
@@ -173,31 +173,31 @@ def make_optimizers(rank: int, gap: int, mask_fn: Callable,
       ),
       "optax_lowrank.apollo": dict(
           tx=optax_lowrank.apollo(
-              1e-3, rank=rank, update_proj_gap=gap, mask=mask_fn),
+              1e-3, rank=rank, update_proj_gap=gap, projection_mask=mask_fn),
           galore=True,
           projects="as galore; random projection redrawn from a key",
       ),
       "optax_lowrank.apollo_mini": dict(
-          tx=optax_lowrank.apollo_mini(1e-3, update_proj_gap=gap, mask=mask_fn),
+          tx=optax_lowrank.apollo_mini(1e-3, update_proj_gap=gap, projection_mask=mask_fn),
           galore=True,
           projects="as galore, rank 1, tensor-wise scaling",
       ),
       "optax_lowrank.fira": dict(
           tx=optax_lowrank.fira(
-              1e-3, rank=rank, update_proj_gap=gap, mask=mask_fn),
+              1e-3, rank=rank, update_proj_gap=gap, projection_mask=mask_fn),
           galore=True,
           projects="as galore (exact SVD) plus the scaled residual",
       ),
       "optax_lowrank.frugal": dict(
           tx=optax_lowrank.frugal(
               1e-3, 0.25, subspace="columns", update_proj_gap=gap,
-              mask=mask_fn),
+              projection_mask=mask_fn),
           galore=True,
           projects="as galore's mask; 25% random columns state-full, "
           "signSGD elsewhere",
       ),
       "optax_lowrank.flora": dict(
-          tx=optax_lowrank.flora(1e-3, rank=rank, kappa=gap, mask=mask_fn),
+          tx=optax_lowrank.flora(1e-3, rank=rank, kappa=gap, projection_mask=mask_fn),
           galore=True,
           projects="as galore's mask (where min side >= 128, max <= 4 min); "
           "Adafactor second moment everywhere",
@@ -219,7 +219,7 @@ def make_optimizers(rank: int, gap: int, mask_fn: Callable,
   for c, r in vlorp_levels:
     opts[f"optax_lowrank.vlorp[c={c},r={r}]"] = dict(
         tx=optax_lowrank.vlorp(
-            1e-3, rank=r, granularity=c, update_proj_gap=gap, mask=mask_fn),
+            1e-3, rank=r, granularity=c, update_proj_gap=gap, projection_mask=mask_fn),
         galore=True,
         projects=(
             f"as galore's mask; granularity {c}, rank {r} (c*r = {c * r}); "

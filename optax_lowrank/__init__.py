@@ -1,6 +1,7 @@
 """optax-lowrank: low-rank gradient projection optimizers for Optax."""
 
 from optax_lowrank import accumulation
+from optax_lowrank import aliases
 from optax_lowrank import blockwise
 from optax_lowrank import combine
 from optax_lowrank import inner
@@ -30,7 +31,7 @@ from optax_lowrank.aliases import (
 from optax_lowrank.core import LeafBasis, LowRankState, lowrank_project
 from optax_lowrank.moments import RefreshPolicy
 from optax_lowrank.projectors import Projector, RefreshContext
-from optax_lowrank.registry import optimizers
+from optax_lowrank.registry import STATIC_ARGS, optimizers
 from optax_lowrank.shapes import DimensionNumbers, match_paths
 
 __version__ = "0.1.0"
@@ -43,7 +44,9 @@ __all__ = [
     "Projector",
     "RefreshContext",
     "RefreshPolicy",
+    "STATIC_ARGS",
     "accumulation",
+    "aliases",
     "adarankgrad",
     "apollo",
     "apollo_mini",

@@ -1,103 +1,588 @@
-"""Published low-rank methods as ready optimizers."""
+"""Published low-rank methods as ready optimizers.
+
+Each alias is a chain like ``optax.adamw``'s: ``lowrank_project`` around the
+method's inner optimizer, then weight decay and the learning rate. Its
+signature lists the method's own hyper-parameters, then the shared options
+that every alias takes with the same names, defaults and checks (their
+documentation, ``SHARED_OPTIONS``, is written once and appended to each
+alias's Args):
+
+- ``mask``: the weight-decay mask, exactly as in ``optax.adamw`` and
+  ``optax.contrib.galore`` (a port of ``optax.adamw(lr, mask=decay_mask)``
+  keeps its meaning);
+- ``projection_mask``: which leaves may be projected (``lowrank_project``'s
+  name);
+- ``dimension_numbers``, ``stagger``, ``seed``, ``group_fn``: as
+  ``lowrank_project``'s;
+- ``state_dtype``: ``None``, or ``"int8"`` for block-wise quantized inner
+  moments;
+- ``on_refresh``: on the aliases whose method leaves the choice open (GaLore,
+  8-bit GaLore, APOLLO, Fira, DCT-AdamW, AdaRankGrad); the others fix it.
+
+Every argument is checked when the alias is called, by name (one check per
+name, shared by all aliases), and an error names the argument as passed.
+Integers may be numpy or JAX integer scalars; bools are refused where a
+number is expected, and so are ``inf`` and ``nan``.
+
+``optax.inject_hyperparams``: numbers that do not fix shapes (the learning
+rate, ``b1``, ``b2``, ``eps``, ``weight_decay``, ``scale``, ...) may be arrays
+or schedules (arrays are not checked). Arguments that fix shapes or
+schedules, and callables that are not schedules (masks, dimension numbers),
+must be static: ``STATIC_ARGS[name]`` (or ``static_args(alias)``) lists them
+for each alias::
+
+  tx = optax.inject_hyperparams(
+      optax_lowrank.galore, static_args=optax_lowrank.STATIC_ARGS["galore"])(
+      learning_rate=schedule, rank=128, mask=decay_mask_fn)
+
+Without them, ``inject_hyperparams`` takes a callable ``mask`` for a schedule
+and turns every other number into an array. So that optax's own recipe
+(``static_args=("rank", "update_proj_gap")``, as in its contrib tests) still
+works, integer arguments that fix shapes other than ``rank`` and
+``update_proj_gap`` default to ``None``, standing for the value their
+description gives: left at their default, they are not numbers and stay
+static. An array given for one of them is an error naming ``STATIC_ARGS``.
+
+Variants are ``functools.partial`` objects with documentation of their own,
+as ``optax.nadamw`` is: ``apollo_mini`` and ``galore_8bit``.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+import functools
+import inspect
+import math
+import operator
+import warnings
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_lowrank import blockwise
 from optax_lowrank import combine as combine_lib
 from optax_lowrank import inner as inner_lib
+from optax_lowrank import moments
 from optax_lowrank import projectors as projectors_lib
 from optax_lowrank import quantize as quantize_lib
 from optax_lowrank import schedules as schedules_lib
 from optax_lowrank import shapes
 from optax_lowrank.core import lowrank_project
-from optax_lowrank.inner import adam as adam_lib
 from optax_lowrank.projectors import Projector
+from optax_lowrank.projectors import matmul
+from optax_lowrank.projectors.blocks import ORDERS
+from optax_lowrank.projectors.dct import NORMS
+from optax_lowrank.projectors.grass import SELECTIONS
+from optax_lowrank.projectors.random import DISTRIBUTIONS
+
+# ---------------------------------------------------------------------------
+# Checks, one per argument name.
+# ---------------------------------------------------------------------------
+
+_INF = float("inf")
 
 
-def _validate_nonnegative(**values):
-  for name, value in values.items():
-    if isinstance(value, (int, float)) and value < 0.0:
-      raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+def _is_array(value) -> bool:
+  """An array (possibly traced): injected by ``inject_hyperparams``, unchecked."""
+  return isinstance(value, (jax.Array, np.ndarray))
 
 
-def _validate_adam(b1, b2, eps, weight_decay):
-  adam_lib.validate(b1, b2, eps)
-  _validate_nonnegative(weight_decay=weight_decay)
+def _real(value) -> Optional[float]:
+  """``value`` as a float if it is a real number (not a bool), else ``None``."""
+  if isinstance(value, (bool, np.bool_)):
+    return None
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    return float(value)
+  return None
 
 
-def _validate_state_dtype(state_dtype):
-  if state_dtype not in (None, "int8"):
-    raise ValueError(
-        f"`state_dtype` must be None (the parameter's) or 'int8', got "
-        f"{state_dtype!r}")
+def _number(lo: float = -_INF, hi: float = _INF, *, lo_open: bool = False,
+            hi_open: bool = False, optional: bool = False):
+  """A finite real number in a range; arrays pass unchecked."""
+  if hi == _INF:
+    what = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+  else:
+    what = (f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}"
+            f"{')' if hi_open else ']'}")
+  what += " or None" if optional else ""
+
+  def check(name, value):
+    if (optional and value is None) or _is_array(value):
+      return value
+    x = _real(value)
+    ok = (x is not None and math.isfinite(x)
+          and (x > lo if lo_open else x >= lo)
+          and (x < hi if hi_open else x <= hi))
+    if not ok:
+      raise ValueError(f"`{name}` must be {what}, got {value!r}")
+    return value
+
+  return check
 
 
-def _hf_adamw_in_subspace(
-    learning_rate, rank, *, b1, b2, eps, weight_decay, weight_decay_mask,
-    state_dtype=None, **wrapper_kwargs,
-) -> optax.GradientTransformationExtraArgs:
-  """AdamW as galore-torch, APOLLO and Fira write it, Adam in the subspace.
+def _integer(lo: int, *, optional: bool = False,
+             choices: Optional[tuple[int, ...]] = None):
+  """A Python, numpy or JAX integer (not a bool), returned as an int."""
+  what = (f"one of {choices}" if choices is not None
+          else f"an int >= {lo}") + (" or None" if optional else "")
 
-  The uncorrected Adam direction runs inside ``lowrank_project`` (whose
-  combine rule sees it on that scale); the bias correction, decoupled weight
-  decay and learning rate follow in the full space. ``state_dtype="int8"``
-  stores the moments as ``galore``'s does.
-  """
-  _validate_state_dtype(state_dtype)
-  inner = inner_lib.scale_by_adam_uncorrected(b1, b2, eps)
-  if state_dtype == "int8":
-    inner = quantize_lib.quantize_state(inner, bits=8, block_size=256)
-  return optax.chain(
-      lowrank_project(inner, rank, **_projection_kwargs(wrapper_kwargs)),
-      inner_lib.scale_by_bias_correction(b1, b2),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  def check(name, value):
+    if optional and value is None:
+      return None
+    x = None
+    if not isinstance(value, (bool, np.bool_)):
+      try:
+        x = operator.index(value)
+      except TypeError:
+        pass
+    if x is None or x < lo or (choices is not None and x not in choices):
+      raise ValueError(f"`{name}` must be {what}, got {value!r}")
+    return x
 
-
-def _projection_kwargs(kwargs: dict) -> dict:
-  """The aliases' ``mask`` is ``lowrank_project``'s ``projection_mask``."""
-  kwargs = dict(kwargs)
-  if "mask" in kwargs:
-    kwargs["projection_mask"] = kwargs.pop("mask")
-  return kwargs
+  return check
 
 
-def _projector(projector, names: dict) -> Projector:
-  """``projector`` given by name (one of ``names``) or as a ``Projector``."""
-  if isinstance(projector, Projector):
-    return projector
-  if projector in names:
-    return names[projector]()
+def _rank(name, value):
+  """A positive int, or a float fraction in (0, 1] of each smaller side."""
+  if not isinstance(value, (bool, np.bool_)):
+    try:
+      x = operator.index(value)
+    except TypeError:
+      x = None
+    if x is not None and x >= 1:
+      return x
+    if x is None and (isinstance(value, (float, np.floating)) or (
+        _is_array(value) and np.ndim(value) == 0
+        and jnp.issubdtype(value.dtype, jnp.floating))):
+      f = float(value)
+      if 0.0 < f <= 1.0:
+        return f
   raise ValueError(
-      f"`projector` must be one of {tuple(names)} or a Projector instance, "
-      f"got {projector!r}"
+      f"`{name}` must be a positive int or a float fraction in (0, 1], got "
+      f"{value!r}")
+
+
+def _learning_rate(name, value):
+  if callable(value) or _is_array(value):
+    return value
+  return _number()(name, value)
+
+
+def _seed(name, value):
+  if _is_array(value):  # injected: jax.random.key takes a traced int
+    return value
+  return _integer(-(2**63))(name, value)
+
+
+def _flag(name, value):
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"`{name}` must be a bool, got {value!r}")
+  return bool(value)
+
+
+def _choice(options: tuple[Any, ...], *, optional: bool = False):
+  def check(name, value):
+    if (optional and value is None) or (
+        isinstance(value, str) and value in options):
+      return value
+    raise ValueError(
+        f"`{name}` must be one of {options}"
+        f"{' or None' if optional else ''}, got {value!r}")
+
+  return check
+
+
+def _callable_or_none(name, value):
+  if value is not None and not callable(value):
+    raise ValueError(f"`{name}` must be callable or None, got {value!r}")
+  return value
+
+
+def _policy(name, value):
+  try:
+    moments.as_policy(value)
+  except ValueError:
+    raise ValueError(
+        f"`{name}` must be one of {tuple(moments.POLICIES)} or a "
+        f"moments.RefreshPolicy, got {value!r}") from None
+  return value
+
+
+def _dtype(name, value):
+  if value is None:
+    return None
+  try:
+    return jnp.dtype(value)
+  except TypeError:
+    raise ValueError(
+        f"`{name}` must be a dtype (e.g. 'bfloat16') or None, got {value!r}"
+    ) from None
+
+
+def _granularity(name, value):
+  if value is None:
+    return None
+  x = None
+  if not isinstance(value, (bool, np.bool_)):
+    try:
+      x = operator.index(value)
+    except TypeError:
+      x = _real(value)
+  try:
+    shapes.validate_granularity(x)
+  except ValueError:
+    raise ValueError(
+        f"`{name}` must be a power of two (e.g. 0.5, 1, 4 or 256) or None, "
+        f"got {value!r}") from None
+  return x
+
+
+def _anything(name, value):
+  del name
+  return value
+
+
+# The check of every argument of every alias, by name (an alias may override
+# one, e.g. Flora's ``b2``, an exponent).
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    # Shared by (nearly) all.
+    "learning_rate": _learning_rate,
+    "rank": _rank,
+    "update_proj_gap": _integer(1),
+    "scale": _number(0.0, lo_open=True),
+    "proj_type": _choice(matmul.PROJ_TYPES, optional=True),
+    "projector": _anything,  # by the alias, which knows its names
+    "b1": _number(0.0, 1.0, hi_open=True),
+    "b2": _number(0.0, 1.0, hi_open=True),
+    "eps": _number(0.0),
+    "weight_decay": _number(0.0),
+    # The shared options.
+    "mask": _anything,
+    "projection_mask": _anything,
+    "dimension_numbers": _anything,
+    "stagger": _flag,
+    "seed": _seed,
+    "state_dtype": _choice(("int8",), optional=True),
+    "group_fn": _callable_or_none,
+    "on_refresh": _policy,
+    # Method hyper-parameters.
+    "scale_type": _choice(combine_lib.SCALE_TYPES),
+    "scale_front": _flag,
+    "limiter": _flag,
+    "density": _number(0.0, 1.0, lo_open=True),
+    "subspace": _anything,  # by frugal
+    "order": _choice(ORDERS),
+    "proj_lr_scale": _number(0.0, lo_open=True),
+    "state_free_lr_scale": _number(0.0),
+    "state_free_rule": _choice(combine_lib.RESIDUAL_RULES),
+    "reset_statistics": _flag,
+    "kappa": _integer(1, optional=True),
+    "clipping_threshold": _number(0.0, lo_open=True, optional=True),
+    "multiply_by_parameter_scale": _flag,
+    "min_dim_size_to_factor": _integer(1, optional=True),
+    "factorized_second_moment": _flag,
+    "momentum_dtype": _dtype,
+    "granularity": _granularity,
+    "distribution": _choice(DISTRIBUTIONS),
+    "peak_learning_rate": _number(0.0, lo_open=True, optional=True),
+    "norm": _choice(NORMS),
+    "selection": _choice(SELECTIONS),
+    "threshold": _number(0.0, 1.0, lo_open=True),
+    "proj_bits": _integer(1, optional=True, choices=quantize_lib.BITS),
+    "proj_group_size": _integer(1, optional=True),
+    "cos_threshold": _number(-1.0, 1.0),
+    "gamma_proj": _integer(2, optional=True),
+    "queue_size": _integer(1, optional=True),
+    "reproject_factor": _integer(1, optional=True),
+    "switch_step": _integer(0, optional=True),
+}
+
+
+# ---------------------------------------------------------------------------
+# The shared options: one definition, one documentation, one way in.
+# ---------------------------------------------------------------------------
+
+
+class AliasOptions(NamedTuple):
+  """The shared options of an alias call, checked (see ``SHARED_OPTIONS``).
+
+  Attributes:
+    mask: The weight-decay mask.
+    projection_mask: Which leaves may be projected.
+    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
+    stagger: Spread the refreshes over the gap.
+    seed: Seed of the random draws.
+    state_dtype: ``None`` or ``"int8"``.
+    group_fn: ``lowrank_project``'s ``group_fn``.
+    on_refresh: The refresh policy, or ``None`` where the alias fixes it.
+  """
+
+  mask: Any
+  projection_mask: Any
+  dimension_numbers: Any
+  stagger: bool
+  seed: Any
+  state_dtype: Optional[str]
+  group_fn: Optional[Callable[[str], Hashable]]
+  on_refresh: Any = None
+
+
+_SHARED_DEFAULTS = {
+    "mask": None,
+    "projection_mask": None,
+    "dimension_numbers": None,
+    "stagger": False,
+    "seed": 0,
+    "state_dtype": None,
+    "group_fn": None,
+}
+
+# As written in the signatures (strings, like the aliases' own annotations).
+_SHARED_ANNOTATIONS = {
+    "mask": "Optional[Union[Any, Callable[[optax.Params], Any]]]",
+    "projection_mask": "shapes.MaskOrFn",
+    "dimension_numbers": "shapes.DimensionNumbersOrFn",
+    "stagger": "bool",
+    "seed": "int",
+    "state_dtype": "Optional[str]",
+    "group_fn": "Optional[Callable[[str], Hashable]]",
+    "on_refresh": "Union[str, moments.RefreshPolicy]",
+}
+
+# The Args entries of the shared options, as every alias's docstring shows
+# them (``{default}`` is the alias's default).
+SHARED_OPTIONS = {
+    "mask": """\
+    mask: Which leaves weight decay applies to, as ``optax.adamw``'s and
+      ``optax.contrib.galore``'s ``mask``: a bool pytree like the parameters
+      or a function of them returning one; ``None`` (default): all.""",
+    "projection_mask": """\
+    projection_mask: Which leaves may be projected (``lowrank_project``'s):
+      a bool pytree like the parameters or a function of them, e.g.
+      ``match_paths("attn|mlp")`` (the papers project the attention and MLP
+      matrices); ``None`` (default): all. The other leaves get the method's
+      full-size optimizer.""",
+    "dimension_numbers": """\
+    dimension_numbers: ``DimensionNumbers`` (or optax's
+      ``GaLoreDimensionNumbers``) for leaves of more than two axes: one for
+      all, a pytree with ``None`` leaves, or a function of the parameters;
+      axes they do not name are batch axes (stacked layers). Leaves of more
+      than two axes without them are not projected (one warning at
+      ``init``).""",
+    "stagger": """\
+    stagger: Spread the refreshes of the projected leaves (their groups)
+      over the gap instead of all on one step (default ``False``).""",
+    "seed": """\
+    seed: Seed of the random draws (random projections, sampled rows or
+      blocks, first Gaussian blocks); default 0.""",
+    "state_dtype": """\
+    state_dtype: ``None`` keeps the inner optimizer's moments in the
+      gradient's dtype; ``"int8"`` stores them block-wise quantized (blocks
+      of 256, signed square-root map, ``quantize.quantize_state``; refresh
+      policies act on the dequantized moments). Default ``{default!r}``.""",
+    "group_fn": """\
+    group_fn: ``group_fn(path) -> label`` for the projected leaves' paths
+      (``"layers/attn/q/kernel"``): leaves with the same label refresh on the
+      same steps and share random draws (``lowrank_project``); ``None``
+      (default): each leaf alone.""",
+    "on_refresh": """\
+    on_refresh: What a refresh does to the inner moments of the leaf:
+      ``keep``, ``reset``, ``rotate`` (the first moment re-expressed in the
+      new basis), ``rotate_moments`` or a ``moments.RefreshPolicy``. Default
+      ``{default!r}``.""",
+}
+
+
+def _with_shared_doc(doc: str, defaults: dict[str, Any]) -> str:
+  """``doc`` with the shared options' entries at the end of its Args."""
+  entries = "\n".join(SHARED_OPTIONS[name].format(default=default)
+                      for name, default in defaults.items())
+  head, sep, tail = doc.partition("\n\n  Returns:")
+  if not sep:
+    raise ValueError("an alias's docstring needs a Returns section")
+  return f"{head}\n{entries}{sep}{tail}"
+
+
+def _alias(*, static: tuple[str, ...], on_refresh: Optional[str] = None,
+           checks: Optional[dict[str, Callable[[str, Any], Any]]] = None,
+           defaults: Optional[dict[str, Any]] = None):
+  """Makes ``body(..., options)`` an alias taking the shared options.
+
+  The alias's signature is ``body``'s (without ``options``) followed by the
+  shared options (and ``on_refresh``, with this default, when given). A call
+  checks every argument by name (``_CHECKS``, then ``checks``), refuses a
+  traced value for the arguments in ``static`` and the shared options, and
+  calls ``body`` with the checked values and ``options=AliasOptions(...)``.
+  """
+
+  def decorate(body):
+    signature = inspect.signature(body)
+    # The learning rate's annotation as the object optax's tools compare
+    # with (optax.ScalarOrSchedule: its contrib tests then pass schedules).
+    own = [p.replace(annotation=optax.ScalarOrSchedule)
+           if p.name == "learning_rate" else p
+           for p in signature.parameters.values() if p.name != "options"]
+    shared_defaults = {**_SHARED_DEFAULTS, **(defaults or {})}
+    if on_refresh is not None:
+      shared_defaults["on_refresh"] = on_refresh
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                          default=default,
+                          annotation=_SHARED_ANNOTATIONS[name])
+        for name, default in shared_defaults.items()
+    ]
+    signature = signature.replace(parameters=own + shared)
+    all_checks = {**_CHECKS, **(checks or {})}
+    unchecked = [n for n in signature.parameters if n not in all_checks]
+    # The seed may be injected (jax.random.key takes a traced int).
+    statics = tuple(static) + tuple(n for n in shared_defaults if n != "seed")
+    if unchecked or not set(statics) <= set(signature.parameters):
+      raise TypeError(f"{body.__name__}: no check for {unchecked}, or a "
+                      f"static argument it does not take: {statics}")
+
+    @functools.wraps(body)
+    def alias(*args, **kwargs):
+      bound = signature.bind(*args, **kwargs)
+      bound.apply_defaults()
+      values = {}
+      for name, value in bound.arguments.items():
+        if name in statics and isinstance(value, jax.core.Tracer):
+          raise ValueError(
+              f"`{name}` of {body.__name__} fixes shapes or the schedule and "
+              f"cannot be traced; with optax.inject_hyperparams, list it in "
+              f"static_args: optax_lowrank.STATIC_ARGS[{body.__name__!r}] = "
+              f"{statics}")
+        values[name] = all_checks[name](name, value)
+      options = AliasOptions(**{n: values.pop(n) for n in shared_defaults})
+      return body(**values, options=options)
+
+    alias.__signature__ = signature
+    alias.__doc__ = _with_shared_doc(body.__doc__, shared_defaults)
+    alias._static_args = statics  # pylint: disable=protected-access
+    return alias
+
+  return decorate
+
+
+def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
+  """The arguments of an alias that ``optax.inject_hyperparams`` must leave static.
+
+  Those that fix shapes or schedules (``rank``, ``update_proj_gap``, ...),
+  choices given by name, and the shared options (masks and dimension numbers
+  may be callables, which ``inject_hyperparams`` would take for schedules).
+
+  Args:
+    factory: An alias (``optax_lowrank.galore``) or a ``functools.partial``
+      of one (``optax_lowrank.apollo_mini``).
+
+  Returns:
+    A tuple of argument names, for ``static_args``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_lowrank
+    >>> tx = optax.inject_hyperparams(
+    ...     optax_lowrank.galore,
+    ...     static_args=optax_lowrank.aliases.static_args(optax_lowrank.galore))(
+    ...     learning_rate=1e-2, rank=4, mask=lambda p: {"w": True, "b": False})
+    >>> params = {"w": jnp.ones((32, 16)), "b": jnp.zeros(16)}
+    >>> state = tx.init(params)
+    >>> updates, state = jax.jit(tx.update)(params, state, params)
+
+  References:
+    Optax's ``inject_hyperparams``:
+    https://optax.readthedocs.io/en/latest/api/optimizer_schedules.html
+  """
+  while isinstance(factory, functools.partial):
+    factory = factory.func
+  try:
+    return factory._static_args  # pylint: disable=protected-access
+  except AttributeError:
+    raise ValueError(f"{factory!r} is not an optax_lowrank alias") from None
+
+
+# ---------------------------------------------------------------------------
+# Building blocks.
+# ---------------------------------------------------------------------------
+
+
+def _side(proj_type: Optional[str]) -> str:
+  return "std" if proj_type is None else proj_type
+
+
+def _projector(value, proj_type, builders: dict[str, Callable[[str], Projector]],
+               *, arg: str = "projector") -> Projector:
+  """``value`` by name (``builders[value](side)``) or as a ``Projector``."""
+  if isinstance(value, Projector):
+    if proj_type is not None:
+      raise ValueError(
+          f"`proj_type` sets the side of the projectors `{arg}` names; the "
+          f"Projector instance given as `{arg}` carries its own (got "
+          f"proj_type={proj_type!r}). Pass the side to the projector's "
+          "factory, e.g. projectors.random(proj_type='left').")
+    return value
+  if isinstance(value, str) and value in builders:
+    return builders[value](_side(proj_type))
+  raise ValueError(
+      f"`{arg}` must be one of {tuple(builders)} or a Projector instance, got "
+      f"{value!r}")
+
+
+def _project(options: AliasOptions, inner, rank, *, update_proj_gap: int,
+             projector: Projector, on_refresh, scale=1.0, combine=None,
+             granularity=1, unprojected=None):
+  """``lowrank_project`` of ``inner`` with the shared options."""
+  if options.state_dtype == "int8":
+    inner = quantize_lib.quantize_state(inner, bits=8, block_size=256)
+    if unprojected is not None:
+      unprojected = quantize_lib.quantize_state(
+          unprojected, bits=8, block_size=256)
+  return lowrank_project(
+      inner, rank,
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      projector=projector,
+      granularity=granularity,
+      projection_mask=options.projection_mask,
+      dimension_numbers=options.dimension_numbers,
+      on_refresh=on_refresh,
+      stagger=options.stagger,
+      combine=combine_lib.back_project() if combine is None else combine,
+      unprojected=unprojected,
+      group_fn=options.group_fn,
+      seed=options.seed,
   )
 
 
+def _decay_and_learning_rate(options: AliasOptions, weight_decay,
+                             learning_rate):
+  """Decoupled weight decay on ``options.mask``, then the learning rate."""
+  return (optax.add_decayed_weights(weight_decay, options.mask),
+          optax.scale_by_learning_rate(learning_rate))
+
+
+# ---------------------------------------------------------------------------
+# The aliases.
+# ---------------------------------------------------------------------------
+
+
+@_alias(static=("rank", "update_proj_gap", "proj_type", "projector"),
+        on_refresh="keep")
 def galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 128,
     *,
     update_proj_gap: int = 200,
     scale: Union[float, jax.Array] = 0.25,
-    proj_type: str = "std",
+    proj_type: Optional[str] = None,
+    projector: Union[str, Projector] = "svd",
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    on_refresh: str = "keep",
-    stagger: bool = False,
-    projector: Union[str, Projector] = "svd",
-    state_dtype: Optional[str] = None,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-AdamW: Adam in a low-rank SVD subspace of each weight gradient.
 
@@ -121,24 +606,15 @@ def galore(
     rank: Subspace rank (int) or fraction of each matrix's smaller side.
     update_proj_gap: Steps between SVD refreshes.
     scale: GaLore's ``alpha`` on the back-projected update.
-    proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full``.
+    proj_type: ``std`` (``None``, the default), ``reverse_std``, ``left``,
+      ``right`` or ``full`` (galore-torch's meanings). An error with a
+      ``Projector`` instance, which carries its own side.
+    projector: ``"svd"`` (exact SVD) or any ``Projector``, e.g.
+      ``projectors.randomized_svd()``.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon (see above for placement).
     weight_decay: Decoupled weight decay, in the full space.
-    weight_decay_mask: Which leaves are decayed (as ``optax.adamw``'s mask).
-    mask: Which leaves may be projected (the GaLore paper projects the
-      attention and MLP matrices only).
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    on_refresh: ``keep`` (reference), ``reset`` or ``rotate``.
-    stagger: Spread the leaves' refreshes over the gap.
-    projector: ``"svd"`` (exact SVD with ``proj_type``) or any ``Projector``
-      (then ``proj_type`` is not used), e.g. ``projectors.randomized_svd()``.
-    state_dtype: ``None`` keeps Adam's moments in the gradient's dtype;
-      ``"int8"`` stores them block-wise quantized (blocks of 256, signed
-      square-root map; ``quantize.quantize_state``), as 8-bit GaLore does with
-      bitsandbytes' 8-bit Adam (whose map differs); ``reset`` and
-      ``rotate`` act on the dequantized moments.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -146,7 +622,8 @@ def galore(
   Example:
     >>> import jax, jax.numpy as jnp, optax_lowrank
     >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
-    >>> tx = optax_lowrank.galore(1e-2, rank=8, update_proj_gap=50)
+    >>> tx = optax_lowrank.galore(1e-2, rank=8, update_proj_gap=50,
+    ...                           weight_decay=0.1, mask={"w": True, "b": False})
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state, params)
@@ -156,29 +633,27 @@ def galore(
     Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024; code:
     github.com/jiaweizzhao/GaLore.
   """
-  _validate_adam(b1, b2, eps, weight_decay)
-  _validate_state_dtype(state_dtype)
-  inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-  if state_dtype == "int8":
-    inner = quantize_lib.quantize_state(inner, bits=8, block_size=256)
+  projector = _projector(projector, proj_type, {"svd": projectors_lib.svd})
   return optax.chain(
-      lowrank_project(
-          inner,
-          rank,
-          update_proj_gap=update_proj_gap,
-          scale=scale,
-          proj_type=None if isinstance(projector, Projector) else proj_type,
-          projector=projector,
-          projection_mask=mask,
-          dimension_numbers=dimension_numbers,
-          on_refresh=on_refresh,
-          stagger=stagger,
-      ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      _project(options, optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank,
+               update_proj_gap=update_proj_gap, scale=scale,
+               projector=projector, on_refresh=options.on_refresh),
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
+def _hf_adam(b1, b2, eps):
+  """Hugging Face's AdamW split in two: the uncorrected direction (inside
+  ``lowrank_project``, where the combine rules see it on that scale) and the
+  bias correction (after it), as galore-torch, APOLLO, Fira, COAP and GoLore
+  write it."""
+  return (inner_lib.scale_by_adam_uncorrected(b1, b2, eps),
+          inner_lib.scale_by_bias_correction(b1, b2))
+
+
+@_alias(static=("rank", "update_proj_gap", "scale_type", "scale_front",
+                "limiter", "proj_type", "projector"),
+        on_refresh="keep")
 def apollo(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 256,
@@ -188,16 +663,13 @@ def apollo(
     scale_type: str = "channel",
     scale_front: bool = False,
     limiter: bool = True,
-    proj_type: str = "std",
+    proj_type: Optional[str] = None,
+    projector: Union[str, Projector] = "random",
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    projector: Union[str, Projector] = "random",
-    seed: int = 0,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """APOLLO: SGD-like memory, AdamW-level performance.
 
@@ -227,17 +699,14 @@ def apollo(
     scale_type: ``channel`` (APOLLO) or ``tensor`` (APOLLO-Mini).
     scale_front: Apply ``√scale`` before the limiter (apollo-torch's flag).
     limiter: Norm-growth limiter with γ = 1.01 (on in the paper's runs).
-    proj_type: Side of the projection, as GaLore's (``std``: the smaller).
+    proj_type: Side of the projection, as GaLore's (``None``: ``std``, the
+      smaller side); an error with a ``Projector`` instance.
+    projector: ``"random"``, ``"svd"`` or any ``Projector`` (e.g. fixed
+      matrices).
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon, on the uncorrected ``√v``.
     weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected (the paper: attention and MLP).
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    projector: ``"random"``, ``"svd"`` or any ``Projector`` (e.g. fixed
-      matrices).
-    seed: Seed of the random projections.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -254,104 +723,73 @@ def apollo(
     <https://arxiv.org/abs/2412.05270>`_, MLSys 2025; code:
     github.com/zhuhanqing/APOLLO.
   """
-  _validate_adam(b1, b2, eps, weight_decay)
-  projector = _projector(projector, {
-      "random": lambda: projectors_lib.random(proj_type),
-      "svd": lambda: projectors_lib.svd(proj_type),
+  projector = _projector(projector, proj_type, {
+      "random": projectors_lib.random,
+      "svd": projectors_lib.svd,
   })
-  return _hf_adamw_in_subspace(
-      learning_rate, rank, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, update_proj_gap=update_proj_gap,
-      scale=scale, projector=projector,
-      combine=combine_lib.apollo_scale(
-          scale_type, limiter=limiter, scale_front=scale_front),
-      mask=mask, dimension_numbers=dimension_numbers, seed=seed,
+  inner, bias_correction = _hf_adam(b1, b2, eps)
+  return optax.chain(
+      _project(options, inner, rank, update_proj_gap=update_proj_gap,
+               scale=scale, projector=projector,
+               combine=combine_lib.apollo_scale(
+                   scale_type, limiter=limiter, scale_front=scale_front),
+               on_refresh=options.on_refresh),
+      bias_correction,
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
-def apollo_mini(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: Union[int, float] = 1,
-    *,
-    update_proj_gap: int = 200,
-    scale: Union[float, jax.Array] = 128.0,
-    scale_type: str = "tensor",
-    scale_front: bool = False,
-    limiter: bool = True,
-    proj_type: str = "std",
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    projector: Union[str, Projector] = "random",
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-  """APOLLO-Mini: rank-1 random projection with tensor-wise scaling.
+apollo_mini = functools.partial(apollo, rank=1, scale_type="tensor",
+                                scale=128.0)
+apollo_mini.__name__ = "apollo_mini"
+apollo_mini.__doc__ = """APOLLO-Mini: rank-1 random projection with tensor-wise scaling.
 
-  ``apollo`` with the paper's APOLLO-Mini settings as defaults: ``rank=1``,
-  ``scale_type="tensor"`` and ``scale=128`` (its runs from 350M up; the 60M
-  and 130M runs use ``scale`` 128 and 192 with ``scale_front=True``). The
-  state per projected matrix is a rank-1 first and second moment, one key and
-  one limiter norm. Arguments as for ``apollo``.
+  ``functools.partial(apollo, rank=1, scale_type="tensor", scale=128.0)``:
+  ``apollo`` with the paper's APOLLO-Mini settings as defaults (its runs from
+  350M up; the 60M and 130M runs use ``scale`` 128 and 192 with
+  ``scale_front=True``). The state per projected matrix is a rank-1 first
+  and second moment, one key and one limiter norm.
 
   Args:
     learning_rate: A float or an optax schedule.
-    rank: Projection rank (1 in the paper).
-    update_proj_gap: Steps between redraws of the projection.
-    scale: APOLLO's ``scale`` (its square root multiplies the update).
-    scale_type: ``tensor`` (APOLLO-Mini) or ``channel``.
-    scale_front: Apply ``√scale`` before the limiter.
-    limiter: Norm-growth limiter with γ = 1.01.
-    proj_type: Side of the projection, as GaLore's.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's epsilon, on the uncorrected ``√v``.
-    weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected.
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    projector: ``"random"``, ``"svd"`` or any ``Projector``.
-    seed: Seed of the random projections.
+    rank: Projection rank (default 1, the paper's).
+    scale_type: ``tensor`` (default) or ``channel``.
+    scale: APOLLO's ``scale`` (default 128).
+    **kwargs: Every other argument of ``apollo``, with its default there (the
+      shared options among them).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import optax_lowrank
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32))}
     >>> tx = optax_lowrank.apollo_mini(1e-2)
+    >>> updates, state = tx.update(params, tx.init(params), params)
 
   References:
     Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
     <https://arxiv.org/abs/2412.05270>`_, MLSys 2025.
   """
-  return apollo(
-      learning_rate, rank, update_proj_gap=update_proj_gap, scale=scale,
-      scale_type=scale_type, scale_front=scale_front, limiter=limiter,
-      proj_type=proj_type, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, mask=mask,
-      dimension_numbers=dimension_numbers, projector=projector, seed=seed)
 
 
+@_alias(static=("rank", "update_proj_gap", "limiter", "proj_type",
+                "projector"),
+        on_refresh="keep")
 def fira(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 128,
     *,
     update_proj_gap: int = 200,
     scale: Union[float, jax.Array] = 0.25,
-    proj_type: str = "std",
     limiter: bool = True,
+    proj_type: Optional[str] = None,
+    projector: Union[str, Projector] = "svd",
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    projector: Union[str, Projector] = "svd",
-    seed: int = 0,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """Fira: GaLore plus the gradient outside the subspace, rescaled.
 
@@ -374,47 +812,47 @@ def fira(
     rank: Subspace rank (128 for 60M, 256 for 130M/350M, 512 for 1B).
     update_proj_gap: Steps between SVD refreshes.
     scale: GaLore's alpha (0.25; 0.0625 for 1B and 7B).
-    proj_type: GaLore's projection type (one-sided: ``std``,
-      ``reverse_std``, ``left`` or ``right``).
     limiter: Norm-growth limiter (γ = 1.01) on the residual.
+    proj_type: GaLore's projection type, one-sided: ``std`` (``None``, the
+      default), ``reverse_std``, ``left`` or ``right``; an error with a
+      ``Projector`` instance.
+    projector: ``"svd"``, ``"random"`` or any one-sided ``Projector``.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon, on the uncorrected ``√v``.
     weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected (the paper: attention and MLP).
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    projector: ``"svd"``, ``"random"`` or any one-sided ``Projector``.
-    seed: Seed for random projectors.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import optax_lowrank
-    >>> tx = optax_lowrank.fira(1e-2, rank=128)
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32))}
+    >>> tx = optax_lowrank.fira(1e-2, rank=8)
+    >>> updates, state = tx.update(params, tx.init(params), params)
 
   References:
     Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
     Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024; code:
     github.com/xichen-fy/Fira.
   """
-  _validate_adam(b1, b2, eps, weight_decay)
   if proj_type == "full":
     raise ValueError(
         "`proj_type` 'full' has no channel for Fira's scaling factor; use "
         "'std', 'reverse_std', 'left' or 'right'"
     )
-  projector = _projector(projector, {
-      "svd": lambda: projectors_lib.svd(proj_type),
-      "random": lambda: projectors_lib.random(proj_type),
+  projector = _projector(projector, proj_type, {
+      "svd": projectors_lib.svd,
+      "random": projectors_lib.random,
   })
-  return _hf_adamw_in_subspace(
-      learning_rate, rank, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, update_proj_gap=update_proj_gap,
-      scale=scale, projector=projector,
-      combine=combine_lib.fira_residual(limiter=limiter),
-      mask=mask, dimension_numbers=dimension_numbers, seed=seed,
+  inner, bias_correction = _hf_adam(b1, b2, eps)
+  return optax.chain(
+      _project(options, inner, rank, update_proj_gap=update_proj_gap,
+               scale=scale, projector=projector,
+               combine=combine_lib.fira_residual(limiter=limiter),
+               on_refresh=options.on_refresh),
+      bias_correction,
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
@@ -422,13 +860,15 @@ FRUGAL_SUBSPACES = ("blocks", "svd", "random", "randperm", "columns", "rows",
                     "random_k")
 
 
+@_alias(static=("density", "subspace", "update_proj_gap", "proj_type",
+                "order", "state_free_rule", "reset_statistics"))
 def frugal(
     learning_rate: optax.ScalarOrSchedule,
     density: float = 0.25,
     *,
     subspace: Union[str, Projector] = "blocks",
     update_proj_gap: int = 200,
-    proj_type: str = "std",
+    proj_type: Optional[str] = None,
     order: str = "descending",
     proj_lr_scale: Union[float, jax.Array] = 1.0,
     state_free_lr_scale: float = 1.0,
@@ -438,10 +878,7 @@ def frugal(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    seed: int = 0,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """FRUGAL: AdamW in a subspace, signSGD (state-free) outside it.
 
@@ -459,9 +896,9 @@ def frugal(
   ``order``; needs stacked layers, see ``projectors.blocks`` for how this
   differs from the reference's choice over all tensors), ``svd`` (GaLore's),
   ``random`` (orthonormal random), ``randperm`` (random columns or rows),
-  with ``round(density · side)`` directions on the side ``proj_type``
-  picks; ``columns``, ``rows``, ``random_k`` (``floor(density · size)``
-  random coordinates); or any ``Projector``.
+  with ``round(density · side)`` directions on the smaller side; ``columns``,
+  ``rows``, ``random_k`` (``floor(density · size)`` random coordinates); or
+  any ``Projector``.
 
   Args:
     learning_rate: A float or an optax schedule (the paper: 1e-3, cosine with
@@ -470,9 +907,10 @@ def frugal(
       subspace (0.25 in the paper's pre-training runs).
     subspace: One of ``FRUGAL_SUBSPACES`` or a ``Projector``.
     update_proj_gap: Steps between subspace changes (200).
-    proj_type: Side for ``svd``, ``random`` and ``randperm``: ``std`` only
-      (the subspace rank is ``round(density · min(m, n))``, which is FRUGAL's
-      ``round(density · projected side)`` for this side alone).
+    proj_type: ``std`` only (``None``, the default, is ``std``): the
+      subspace rank is ``round(density · min(m, n))``, which is FRUGAL's
+      ``round(density · projected side)`` for this side alone. An error with
+      a ``Projector`` instance.
     order: ``descending`` (the scripts), ``ascending`` or ``random`` (the
       class default), for ``blocks``.
     proj_lr_scale: FRUGAL's ``proj_params_lr_scale``: multiplies both parts
@@ -484,82 +922,70 @@ def frugal(
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon (1e-8 in the scripts).
-    weight_decay: Decoupled weight decay (every parameter).
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected (the paper: attention and MLP).
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes
-      (``blocks`` needs the stacked-layer axis as a batch axis).
-    seed: Seed of random subspaces.
+    weight_decay: Decoupled weight decay.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import optax_lowrank
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32))}
     >>> tx = optax_lowrank.frugal(1e-3, 0.25, subspace="columns")
+    >>> updates, state = tx.update(params, tx.init(params), params)
 
   References:
     Zmushko et al., `FRUGAL: Memory-Efficient Optimization by Reducing State
     Overhead for Scalable Training <https://arxiv.org/abs/2411.07837>`_, ICML
     2025; code: github.com/fzmushko/FRUGAL.
   """
-  _validate_adam(b1, b2, eps, weight_decay)
-  if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
-    raise ValueError(f"`density` must be in (0, 1], got {density!r}")
-  if proj_type != "std":
+  if proj_type not in (None, "std"):
     # The rank is round(density · smaller side), FRUGAL's only for ``std``.
     raise ValueError(
-        f"`proj_type` must be 'std' (the side FRUGAL's scripts use), got "
-        f"{proj_type!r}"
+        f"`proj_type` must be 'std' (the side FRUGAL's scripts use) or None, "
+        f"got {proj_type!r}"
     )
-  projector = _projector(subspace, {
-      "blocks": lambda: projectors_lib.blocks(density, order=order),
-      "svd": lambda: projectors_lib.svd(proj_type),
-      "random": lambda: projectors_lib.random(proj_type, std="orthonormal"),
-      "randperm": lambda: projectors_lib.randperm(proj_type),
-      "columns": lambda: projectors_lib.coordinates("columns", density=density),
-      "rows": lambda: projectors_lib.coordinates("rows", density=density),
-      "random_k": lambda: projectors_lib.coordinates(
+  projector = _projector(subspace, proj_type, {
+      "blocks": lambda _: projectors_lib.blocks(density, order=order),
+      "svd": projectors_lib.svd,
+      "random": lambda side: projectors_lib.random(side, std="orthonormal"),
+      "randperm": projectors_lib.randperm,
+      "columns": lambda _: projectors_lib.coordinates(
+          "columns", density=density),
+      "rows": lambda _: projectors_lib.coordinates("rows", density=density),
+      "random_k": lambda _: projectors_lib.coordinates(
           "random_k", density=density),
-  })
+  }, arg="subspace")
   reset = reset_statistics or subspace == "blocks"
   return optax.chain(
-      lowrank_project(
-          inner_lib.scale_by_adam_leafwise(b1, b2, eps),
-          float(density),
-          update_proj_gap=update_proj_gap,
-          scale=proj_lr_scale,
-          projector=projector,
-          combine=combine_lib.frugal_sign(
-              state_free_lr_scale, rule=state_free_rule),
-          on_refresh="reset" if reset else "keep",
-          projection_mask=mask,
-          dimension_numbers=dimension_numbers,
-          seed=seed,
-      ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      _project(options, inner_lib.scale_by_adam_leafwise(b1, b2, eps),
+               float(density), update_proj_gap=update_proj_gap,
+               scale=proj_lr_scale, projector=projector,
+               combine=combine_lib.frugal_sign(
+                   state_free_lr_scale, rule=state_free_rule),
+               on_refresh="reset" if reset else "keep"),
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
+@_alias(static=("rank", "kappa", "multiply_by_parameter_scale",
+                "min_dim_size_to_factor", "factorized_second_moment",
+                "momentum_dtype"),
+        checks={"b2": _number(0.0, lo_open=True)})
 def flora(
     learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
+    rank: Union[int, float] = 128,
     *,
-    kappa: int = 1000,
+    kappa: Optional[int] = None,
     b1: float = 0.9,
     b2: float = 0.8,
     eps: float = 1e-30,
     clipping_threshold: Optional[float] = 1.0,
     multiply_by_parameter_scale: bool = True,
-    min_dim_size_to_factor: int = 128,
+    min_dim_size_to_factor: Optional[int] = None,
     factorized_second_moment: bool = True,
-    momentum_dtype: Any = jax.numpy.bfloat16,
+    momentum_dtype: Any = "bfloat16",
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    seed: int = 0,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """Flora: Adafactor with momentum compressed by a resampled random projection.
 
@@ -578,7 +1004,7 @@ def flora(
 
   Differences from the optax code, by choice: on a redraw the momentum is
   transferred as in the paper and the torch code,
-  ``M ← down(new, up(old, M))`` (``on_refresh="transfer"``); the optax code
+  ``M ← down(new, up(old, M))`` (``on_refresh="rotate"``); the optax code
   maps it through the old projection twice, which multiplies it by about
   ``min(m, n)/r`` at every redraw. The momentum is stored in
   ``momentum_dtype`` (bfloat16, as there) but the arithmetic is float32. Block
@@ -588,45 +1014,45 @@ def flora(
   Args:
     learning_rate: A float or an optax schedule.
     rank: Rank ``tau`` of the compressed momentum (the authors' configs: 128).
-    kappa: Steps between redraws of the projection (1000).
+    kappa: Steps between redraws of the projection; ``None``: 1000 (the
+      authors').
     b1: Momentum decay.
     b2: Exponent of Adafactor's decay ``1 − (t+1)^(−b2)`` (the configs: 0.8).
     eps: Adafactor's epsilon, added to ``G²``.
     clipping_threshold: Update clipping by RMS; ``None`` turns it off.
     multiply_by_parameter_scale: Scale by ``max(rms(W), 1e-3)``.
-    min_dim_size_to_factor: Smallest side for factoring and compressing.
+    min_dim_size_to_factor: Smallest side for factoring and compressing;
+      ``None``: 128 (Adafactor's).
     factorized_second_moment: Factor the second moment (else full).
-    momentum_dtype: Storage dtype of the momentum.
+    momentum_dtype: Storage dtype of the momentum (``"bfloat16"``, as the
+      authors'); ``None`` keeps the gradient's. With ``state_dtype="int8"``
+      the momentum is stored quantized instead.
     weight_decay: Added as ``wd·W`` after the learning rate.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be compressed.
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    seed: Seed of the random projections.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import optax_lowrank
-    >>> tx = optax_lowrank.flora(1e-3, rank=128, kappa=1000)
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"w": jnp.ones((256, 128))}
+    >>> tx = optax_lowrank.flora(1e-3, rank=8, kappa=1000)
+    >>> updates, state = tx.update(params, tx.init(params), params)
 
   References:
     Hao et al., `Flora: Low-Rank Adapters Are Secretly Gradient Compressors
     <https://arxiv.org/abs/2402.03293>`_, ICML 2024; code:
     github.com/BorealisAI/flora-opt.
   """
-  # b1 is checked by inner.ema_nesterov, below.
-  if not (isinstance(b2, (int, float)) and b2 > 0.0):
-    raise ValueError(f"`b2` (a decay exponent) must be > 0, got {b2!r}")
-  _validate_nonnegative(eps=eps, weight_decay=weight_decay)
-  if clipping_threshold is not None and not clipping_threshold > 0:
-    raise ValueError(
-        f"`clipping_threshold` must be positive or None, got "
-        f"{clipping_threshold!r}")
+  kappa = 1000 if kappa is None else kappa
+  if min_dim_size_to_factor is None:
+    min_dim_size_to_factor = 128
+  projection_mask = options.projection_mask
+  dimension_numbers = options.dimension_numbers
 
   def compressed(params):
     plans, treedef = shapes.plan_leaves(
-        params, rank=rank, mask=mask, dimension_numbers=dimension_numbers)
+        params, rank=rank, mask=projection_mask,
+        dimension_numbers=dimension_numbers)
     return treedef.unflatten([
         p is not None
         and min(p.layout.m, p.layout.n) >= min_dim_size_to_factor
@@ -638,45 +1064,38 @@ def flora(
       optax.scale_by_factored_rms(
           factored=factorized_second_moment, decay_rate=b2, epsilon=eps,
           min_dim_size_to_factor=min_dim_size_to_factor),
-      lowrank_project(
-          inner_lib.ema_nesterov(b1, momentum_dtype=momentum_dtype),
-          rank,
-          update_proj_gap=kappa,
-          projector=projectors_lib.random("smaller"),
-          combine=combine_lib.add_residual(1.0 - b1),
-          on_refresh="rotate",
-          projection_mask=compressed,
-          dimension_numbers=dimension_numbers,
-          seed=seed,
-      ),
+      _project(options._replace(projection_mask=compressed),
+               inner_lib.ema_nesterov(b1, momentum_dtype=momentum_dtype),
+               rank, update_proj_gap=kappa,
+               projector=projectors_lib.random("smaller"),
+               combine=combine_lib.add_residual(1.0 - b1),
+               on_refresh="rotate"),
       (blockwise.clip_by_matrix_rms(clipping_threshold, dimension_numbers)
        if clipping_threshold is not None else optax.identity()),
       optax.scale_by_learning_rate(learning_rate, flip_sign=False),
       (blockwise.scale_by_param_matrix_rms(1e-3, dimension_numbers)
        if multiply_by_parameter_scale else optax.identity()),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.add_decayed_weights(weight_decay, options.mask),
       optax.scale(-1.0),
   )
 
 
+@_alias(static=("rank", "granularity", "update_proj_gap", "distribution",
+                "projector"))
 def vlorp(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 1,
     *,
-    granularity: Union[int, float] = 256,
+    granularity: Optional[Union[int, float]] = None,
     update_proj_gap: int = 30,
     scale: Union[float, jax.Array] = 0.25,
+    distribution: str = "gaussian",
+    projector: Optional[Projector] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    distribution: str = "gaussian",
-    projector: Optional[Projector] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    stagger: bool = False,
-    seed: int = 0,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """VLoRP with ProjFactor: fine-grained random projection, factored Adam.
 
@@ -693,8 +1112,8 @@ def vlorp(
   finds finer units (large ``c``, small ``r``) better at a fixed budget.
   Leaves that are not projected (embeddings, norms, LM head) get AdamW
   (``inner.scale_by_adam_leafwise``: ``optax.scale_by_adam`` with its bias
-  corrections computed to float32 accuracy). Gradients can be accumulated in the subspace with
-  ``optax_lowrank.MultiSteps``.
+  corrections computed to float32 accuracy). Gradients can be accumulated in
+  the subspace with ``optax_lowrank.MultiSteps``.
 
   Follows the authors' ``optim/projfactor.py``: the matrix is ``N(0, 1)``
   there and the back-projection divides by ``r``; here it is drawn as
@@ -712,22 +1131,17 @@ def vlorp(
     rank: Rank ``r`` of each regrouped matrix's projection (int), or a
       fraction of each matrix's smaller side.
     granularity: ``c``, a power of two (``< 1`` for coarser units); must fit
-      every projected matrix (an error names the leaf otherwise). The
-      paper's best at budget ``c·r = 256`` is ``c = 256, r = 1``.
+      every projected matrix (an error names the leaf otherwise). ``None``:
+      256, the paper's best at budget ``c·r = 256`` (with ``r = 1``).
     update_proj_gap: Steps between redraws of the projection.
     scale: Multiplier of the back-projection (the paper: 0.25).
+    distribution: ``gaussian`` or ``rademacher`` entries.
+    projector: Any ``Projector`` to use instead of the random one (applied
+      with the same granularity); ``None``: the random one.
     b1: First-moment decay.
     b2: Second-moment decay (factored for projected leaves).
     eps: Added to the square root of the second moment.
     weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    distribution: ``gaussian`` or ``rademacher`` entries.
-    projector: Any ``Projector`` to use instead of the random one (applied
-      with the same granularity).
-    mask: Which leaves may be projected (the paper: attention and MLP).
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    stagger: Spread the leaves' redraws over the gap.
-    seed: Seed of the random projections.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -744,7 +1158,6 @@ def vlorp(
     Projection of Gradients <https://arxiv.org/abs/2505.01744>`_, ICML 2025;
     code: github.com/BIGKnight/VLoRP.
   """
-  _validate_adam(b1, b2, eps, weight_decay)
   if projector is None:
     projector = projectors_lib.random(distribution=distribution, std="rank")
   elif not isinstance(projector, Projector):
@@ -753,34 +1166,30 @@ def vlorp(
         f"{projector!r}"
     )
   return optax.chain(
-      lowrank_project(
-          optax.ema(b1, debias=True), rank,
-          update_proj_gap=update_proj_gap, scale=scale, projector=projector,
-          granularity=granularity, projection_mask=mask,
-          dimension_numbers=dimension_numbers, on_refresh="keep",
-          stagger=stagger, combine=combine_lib.projfactor(b2, eps),
-          unprojected=inner_lib.scale_by_adam_leafwise(b1, b2, eps), seed=seed,
-      ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      _project(options, optax.ema(b1, debias=True), rank,
+               update_proj_gap=update_proj_gap, scale=scale,
+               projector=projector,
+               granularity=256 if granularity is None else granularity,
+               on_refresh="keep", combine=combine_lib.projfactor(b2, eps),
+               unprojected=inner_lib.scale_by_adam_leafwise(b1, b2, eps)),
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
+@_alias(static=("rank", "update_proj_gap", "proj_type"))
 def osd(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 128,
     *,
     update_proj_gap: int = 200,
     scale: Union[float, jax.Array] = 0.25,
-    proj_type: str = "std",
+    proj_type: Optional[str] = None,
     peak_learning_rate: Optional[float] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """Online Subspace Descent: GaLore whose basis follows the gradient by online PCA.
 
@@ -800,16 +1209,19 @@ def osd(
     update_proj_gap: Sets the basis learning rate ``1/update_proj_gap``
       (the basis moves every step).
     scale: GaLore's scale of the back-projected update.
-    proj_type: ``std``, ``reverse_std``, ``left`` or ``right``.
-    peak_learning_rate: ``lr_peak`` (the reference's initial ``lr`` argument)
-      when ``learning_rate`` is a schedule; needed then.
+    proj_type: ``std`` (``None``, the default), ``reverse_std``, ``left`` or
+      ``right``.
+    peak_learning_rate: ``lr_peak`` (the reference's initial ``lr``
+      argument), for a ``learning_rate`` schedule: without it the basis step
+      does not follow the schedule (``lr_t/lr_peak`` is taken as 1, with a
+      warning). Under ``optax.inject_hyperparams`` the alias receives the
+      schedule's current value: give ``peak_learning_rate`` there too, or the
+      ratio is 1. With a constant ``learning_rate`` the ratio is
+      ``learning_rate / peak_learning_rate`` (1 without it).
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon.
     weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected.
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -825,39 +1237,43 @@ def osd(
     <https://arxiv.org/abs/2408.12857>`_, NeurIPS 2024; code:
     github.com/kyleliang919/Online-Subspace-Descent.
   """
-  if callable(learning_rate):
-    if peak_learning_rate is None or not peak_learning_rate > 0:
-      raise ValueError(
-          "`peak_learning_rate` must be a positive float when `learning_rate` "
-          f"is a schedule (the basis step follows lr_t/lr_peak), got "
-          f"{peak_learning_rate!r}"
-      )
+  if callable(learning_rate) and peak_learning_rate is None:
+    warnings.warn(
+        "osd: `learning_rate` is a schedule but `peak_learning_rate` is None, "
+        "so the basis step stays 1/update_proj_gap; give the schedule's peak "
+        "as `peak_learning_rate` for the reference's lr_t/lr_peak.",
+        stacklevel=3)
+    lr_ratio = None
+  elif callable(learning_rate):
     lr_ratio = lambda step: learning_rate(step) / peak_learning_rate
+  elif peak_learning_rate is not None:
+    lr_ratio = lambda step: learning_rate / peak_learning_rate
   else:
     lr_ratio = None
-  projector = projectors_lib.online_pca(update_proj_gap, proj_type,
+  projector = projectors_lib.online_pca(update_proj_gap, _side(proj_type),
                                         lr_ratio=lr_ratio)
-  return galore(
-      learning_rate, rank, update_proj_gap=1, scale=scale, b1=b1, b2=b2,
-      eps=eps, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-      mask=mask, dimension_numbers=dimension_numbers, projector=projector,
+  return optax.chain(
+      _project(options, optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank,
+               update_proj_gap=1, scale=scale, projector=projector,
+               on_refresh="keep"),
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
+@_alias(static=("rank", "update_proj_gap", "norm", "proj_type"),
+        on_refresh="keep")
 def dct_adamw(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 256,
     *,
     update_proj_gap: int = 1,
     norm: str = "l1",
-    on_refresh: str = "keep",
+    proj_type: Optional[str] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """DCT-AdamW: Adam in a subspace of DCT columns chosen by the gradient, no SVD.
 
@@ -876,15 +1292,13 @@ def dct_adamw(
     rank: Number of DCT columns kept per matrix (int or fraction).
     update_proj_gap: Steps between column selections (the code: 1).
     norm: ``l1`` (the code's default ``ell_norm=1``) or ``l2``.
-    on_refresh: ``keep`` (the code) or ``rotate``.
+    proj_type: The side whose DCT basis is searched: ``std`` (``None``, the
+      default: the smaller side, columns when ``m >= n``), ``reverse_std``,
+      ``left`` or ``right``.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon (the code: 1e-8).
     weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected (the code: 2-D leaves with both
-      sides below 32000, i.e. not embeddings or the LM head).
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -901,18 +1315,16 @@ def dct_adamw(
     <https://arxiv.org/abs/2505.17967>`_, 2025; code:
     github.com/IST-DASLab/ISTA-DASLab-Optimizers (``fft_low_rank``).
   """
-  _validate_adam(b1, b2, eps, weight_decay)
   return optax.chain(
-      lowrank_project(
-          inner_lib.scale_by_adam_leafwise(b1, b2, eps), rank,
-          update_proj_gap=update_proj_gap, projector=projectors_lib.dct(norm=norm),
-          on_refresh=on_refresh, projection_mask=mask, dimension_numbers=dimension_numbers,
-      ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      _project(options, inner_lib.scale_by_adam_leafwise(b1, b2, eps), rank,
+               update_proj_gap=update_proj_gap,
+               projector=projectors_lib.dct(_side(proj_type), norm=norm),
+               on_refresh=options.on_refresh),
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
+@_alias(static=("rank", "update_proj_gap", "selection", "proj_type"))
 def grass(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 128,
@@ -920,15 +1332,12 @@ def grass(
     update_proj_gap: int = 200,
     selection: str = "norm_sampling",
     scale: Union[float, jax.Array] = 1.0,
-    proj_type: str = "std",
+    proj_type: Optional[str] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    seed: int = 0,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """GRASS: Adam on a structured-sparse projection (r selected rows) of each gradient.
 
@@ -948,15 +1357,12 @@ def grass(
     update_proj_gap: Steps between selections.
     selection: ``norm_sampling`` or ``top_norm``.
     scale: Multiplier of the back-projected update.
-    proj_type: Side whose coordinates are selected, as GaLore's.
+    proj_type: Side whose coordinates are selected, as GaLore's (``None``:
+      ``std``).
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon.
     weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected.
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    seed: Seed of the row sampling.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -972,20 +1378,17 @@ def grass(
     Structured Sparse Gradients <https://arxiv.org/abs/2406.17660>`_, EMNLP
     2024.
   """
-  _validate_adam(b1, b2, eps, weight_decay)
   return optax.chain(
-      lowrank_project(
-          inner_lib.scale_by_adam_leafwise(b1, b2, eps), rank,
-          update_proj_gap=update_proj_gap, scale=scale,
-          projector=projectors_lib.grass(proj_type, selection=selection),
-          on_refresh="reset", projection_mask=mask, dimension_numbers=dimension_numbers,
-          seed=seed,
-      ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      _project(options, inner_lib.scale_by_adam_leafwise(b1, b2, eps), rank,
+               update_proj_gap=update_proj_gap, scale=scale,
+               projector=projectors_lib.grass(_side(proj_type),
+                                              selection=selection),
+               on_refresh="reset"),
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
+@_alias(static=("rank", "update_proj_gap", "proj_type"), on_refresh="rotate")
 def adarankgrad(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 128,
@@ -993,15 +1396,12 @@ def adarankgrad(
     threshold: float = 0.9,
     update_proj_gap: int = 200,
     scale: Union[float, jax.Array] = 0.25,
-    proj_type: str = "std",
+    proj_type: Optional[str] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    seed: int = 0,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """AdaRankGrad-style GaLore: a randomized-SVD subspace whose rank only shrinks.
 
@@ -1010,10 +1410,10 @@ def adarankgrad(
   smallest rank ``k ≤ rank`` whose directions capture ``threshold`` of
   ``‖G‖²``, never more than its previous ``k``; state stays sized for
   ``rank`` (directions beyond ``k`` are zeroed). The first moment is carried
-  into the new basis on a refresh (``on_refresh="rotate"``). The authors'
+  into the new basis on a refresh (``on_refresh="rotate"``; the paper also
+  rotates the second moment: ``on_refresh="rotate_moments"``). The authors'
   code is not public: the rank rule is the one documented in
-  ``schedules.adaptive_rank``; the paper also rotates the second moment,
-  which this alias keeps as is; ``threshold`` defaults to 0.9 (ours).
+  ``schedules.adaptive_rank``; ``threshold`` defaults to 0.9 (ours).
 
   Args:
     learning_rate: A float or an optax schedule.
@@ -1021,15 +1421,12 @@ def adarankgrad(
     threshold: Fraction of the gradient's energy the subspace must capture.
     update_proj_gap: Steps between refreshes.
     scale: GaLore's scale of the back-projected update.
-    proj_type: ``std``, ``reverse_std``, ``left`` or ``right``.
+    proj_type: ``std`` (``None``, the default), ``reverse_std``, ``left`` or
+      ``right``.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon.
     weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected.
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    seed: Seed of the randomized SVD's starting block.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1045,60 +1442,31 @@ def adarankgrad(
     Memory-Efficient LLMs Training and Fine-Tuning
     <https://arxiv.org/abs/2410.17881>`_, ICLR 2025.
   """
-  _validate_adam(b1, b2, eps, weight_decay)
   projector = schedules_lib.adaptive_rank(
-      projectors_lib.randomized_svd(proj_type), threshold)
+      projectors_lib.randomized_svd(_side(proj_type)), threshold)
   return optax.chain(
-      lowrank_project(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank,
-          update_proj_gap=update_proj_gap, scale=scale, projector=projector,
-          on_refresh="rotate", projection_mask=mask, dimension_numbers=dimension_numbers,
-          seed=seed,
-      ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      _project(options, optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank,
+               update_proj_gap=update_proj_gap, scale=scale,
+               projector=projector, on_refresh=options.on_refresh),
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
-def galore_8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: Union[int, float] = 128,
-    *,
-    update_proj_gap: int = 200,
-    scale: Union[float, jax.Array] = 0.25,
-    proj_type: str = "std",
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    stagger: bool = False,
-    projector: Union[str, Projector] = "svd",
-) -> optax.GradientTransformationExtraArgs:
-  """8-bit GaLore: ``galore`` with Adam's moments stored in int8 blocks of 256.
+galore_8bit = functools.partial(galore, state_dtype="int8")
+galore_8bit.__name__ = "galore_8bit"
+galore_8bit.__doc__ = """8-bit GaLore: ``galore`` with Adam's moments stored in int8 blocks of 256.
 
-  ``galore(..., state_dtype="int8")``: the moments are quantized with a
-  signed square-root map per block of 256 (``quantize.quantize_state``),
-  where galore-torch's ``GaLoreAdamW8bit`` uses bitsandbytes' dynamic map.
-  Moments are kept across refreshes (``on_refresh="keep"``), as there.
+  ``functools.partial(galore, state_dtype="int8")``: the moments are
+  quantized with a signed square-root map per block of 256
+  (``quantize.quantize_state``), where galore-torch's ``GaLoreAdamW8bit``
+  uses bitsandbytes' dynamic map. Moments are kept across refreshes
+  (``on_refresh="keep"``), as there.
 
   Args:
     learning_rate: A float or an optax schedule.
-    rank: Subspace rank (int or fraction).
-    update_proj_gap: Steps between SVD refreshes.
-    scale: GaLore's scale of the back-projected update.
-    proj_type: galore-torch's ``proj_type``.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's epsilon.
-    weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected.
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    stagger: Spread the leaves' refreshes over the gap.
-    projector: ``"svd"`` or any ``Projector``.
+    state_dtype: ``"int8"`` (default).
+    **kwargs: Every other argument of ``galore``, with its default there (the
+      shared options among them).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1114,33 +1482,28 @@ def galore_8bit(
     (8-bit GaLore); Dettmers et al., `8-bit Optimizers via Block-wise
     Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
-  return galore(
-      learning_rate, rank, update_proj_gap=update_proj_gap, scale=scale,
-      proj_type=proj_type, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, mask=mask,
-      dimension_numbers=dimension_numbers, stagger=stagger,
-      projector=projector, state_dtype="int8",
-  )
 
 
+@_alias(static=("rank", "update_proj_gap", "proj_type", "proj_bits",
+                "proj_group_size", "gamma_proj", "queue_size"),
+        defaults={"state_dtype": "int8"})
 def q_galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 256,
     *,
     update_proj_gap: int = 200,
     scale: Union[float, jax.Array] = 0.25,
-    proj_bits: int = 4,
-    proj_group_size: int = 256,
+    proj_type: Optional[str] = None,
+    proj_bits: Optional[int] = None,
+    proj_group_size: Optional[int] = None,
     cos_threshold: float = 0.4,
-    gamma_proj: int = 2,
-    queue_size: int = 5,
+    gamma_proj: Optional[int] = None,
+    queue_size: Optional[int] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """Q-GaLore: int4 SVD basis, lazy layer-wise refresh, 8-bit Adam moments.
 
@@ -1150,11 +1513,11 @@ def q_galore(
   refreshes lazily (``schedules.lazy``: after ``queue_size`` refreshes whose
   leading singular vectors average a cosine similarity of at least
   ``cos_threshold``, its gap is multiplied by ``gamma_proj``); Adam's moments
-  are int8 blocks of 256 (``quantize.quantize_state``, signed square-root
-  map, where the code uses bitsandbytes' 8-bit Adam). Q-GaLore's int8
-  weights with stochastic rounding are a training-program option, not part of
-  this optimizer (``train.pretrain --weight-quant int8``, built on
-  ``quantize.quantize(..., stochastic=True)``).
+  are int8 blocks of 256 (``state_dtype="int8"``, ``quantize.quantize_state``,
+  signed square-root map, where the code uses bitsandbytes' 8-bit Adam).
+  Q-GaLore's int8 weights with stochastic rounding are a training-program
+  option, not part of this optimizer (``train.pretrain --weight-quant
+  int8``, built on ``quantize.quantize(..., stochastic=True)``).
 
   Args:
     learning_rate: A float or an optax schedule (the authors: 0.015 for
@@ -1162,18 +1525,18 @@ def q_galore(
     rank: Subspace rank (the authors: 256 for 130M, 1024 for 7B).
     update_proj_gap: Initial refresh gap (the authors: 200; 500 for 7B).
     scale: GaLore's scale.
-    proj_bits: Bits of the stored basis (4).
-    proj_group_size: Elements per quantization group of the basis (256).
+    proj_type: ``std`` (``None``, the default, the authors'),
+      ``reverse_std``, ``left`` or ``right``.
+    proj_bits: Bits of the stored basis, 4 or 8; ``None``: 4.
+    proj_group_size: Elements per quantization group of the basis (even for
+      4 bits); ``None``: 256.
     cos_threshold: Mean similarity above which a matrix's gap grows (0.4).
-    gamma_proj: Growth factor of the gap (2).
-    queue_size: Refreshes averaged (5).
+    gamma_proj: Growth factor of the gap, an int >= 2; ``None``: 2.
+    queue_size: Refreshes averaged; ``None``: 5.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon.
     weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected.
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1189,38 +1552,40 @@ def q_galore(
     Layer-Adaptive Low-Rank Gradients <https://arxiv.org/abs/2407.08296>`_,
     2024; code: github.com/VITA-Group/Q-GaLore.
   """
+  proj_bits = 4 if proj_bits is None else proj_bits
+  proj_group_size = 256 if proj_group_size is None else proj_group_size
+  if proj_bits == 4 and proj_group_size % 2:
+    raise ValueError(
+        f"`proj_group_size` must be even for `proj_bits`=4 (two codes per "
+        f"byte), got {proj_group_size!r}")
   projector = quantize_lib.quantize_basis(
-      schedules_lib.lazy(projectors_lib.svd("std"), update_proj_gap,
-                         cos_threshold=cos_threshold, queue_size=queue_size,
-                         gamma=gamma_proj),
+      schedules_lib.lazy(projectors_lib.svd(_side(proj_type)),
+                         update_proj_gap, cos_threshold=cos_threshold,
+                         queue_size=5 if queue_size is None else queue_size,
+                         gamma=2 if gamma_proj is None else gamma_proj),
       bits=proj_bits, block_size=proj_group_size)
-  return galore(
-      learning_rate, rank, update_proj_gap=update_proj_gap, scale=scale,
-      b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, mask=mask,
-      dimension_numbers=dimension_numbers, projector=projector,
-      state_dtype="int8",
+  return optax.chain(
+      _project(options, optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank,
+               update_proj_gap=update_proj_gap, scale=scale,
+               projector=projector, on_refresh="keep"),
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
+@_alias(static=("rank", "update_proj_gap", "reproject_factor", "proj_type"))
 def coap(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 128,
     *,
     update_proj_gap: int = 32,
-    reproject_factor: int = 5,
+    reproject_factor: Optional[int] = None,
     scale: Union[float, jax.Array] = 0.25,
-    proj_type: str = "std",
+    proj_type: Optional[str] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    stagger: bool = False,
-    state_dtype: Optional[str] = None,
-    seed: int = 0,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """COAP-AdamW: Adam in a subspace kept aligned with the first moment.
 
@@ -1247,7 +1612,9 @@ def coap(
   matrix). The signs of a recomputed basis, which the code leaves to the SVD
   library although the kept moments depend on them, follow the basis they
   replace (see ``projectors.coap``). The code computes each basis in float32
-  and keeps it in the parameter's dtype; so does this.
+  and keeps it in the parameter's dtype; so does this. With
+  ``state_dtype="int8"`` (the authors' ``CoapAdamW8bit``, their 7B setting,
+  uses bitsandbytes' map) the basis step reads the dequantized first moment.
 
   Args:
     learning_rate: A float or an optax schedule (the authors' LLaMA-1B: 0.01,
@@ -1257,25 +1624,16 @@ def coap(
     update_proj_gap: Steps between basis updates, the code's
       ``update_interval`` (its default 32; its LLaMA scripts use 40 for 1B
       and 100 for 7B).
-    reproject_factor: Every how many updates the basis is recomputed (5).
+    reproject_factor: Every how many updates the basis is recomputed;
+      ``None``: 5 (the code's).
     scale: Multiplier of the back-projected update (the code's class default
       is 1.0; its LLaMA scripts use 0.25).
-    proj_type: ``std`` (the code: the smaller side), ``reverse_std``,
-      ``left`` or ``right``.
+    proj_type: ``std`` (``None``, the default; the code: the smaller side),
+      ``reverse_std``, ``left`` or ``right``.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon, on the uncorrected ``√v``.
     weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected (the authors: the attention and MLP
-      linear layers).
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    stagger: Spread the leaves' basis updates over the interval.
-    state_dtype: ``None``, or ``"int8"`` for Adam's moments in int8 blocks of
-      256 (as ``galore``'s; the authors' ``CoapAdamW8bit``, their 7B setting,
-      uses bitsandbytes' map). The basis step reads the dequantized first
-      moment.
-    seed: Seed of the first Gaussian blocks.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1292,34 +1650,31 @@ def coap(
     Gradient Projection <https://arxiv.org/abs/2412.00071>`_, CVPR 2025;
     code: github.com/bytedance/coap.
   """
-  _validate_adam(b1, b2, eps, weight_decay)
-  projector = projectors_lib.coap(reproject_factor, proj_type)
-  return _hf_adamw_in_subspace(
-      learning_rate, rank, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, update_proj_gap=update_proj_gap,
-      scale=scale, projector=projector, mask=mask,
-      dimension_numbers=dimension_numbers, stagger=stagger,
-      state_dtype=state_dtype, seed=seed,
+  projector = projectors_lib.coap(
+      5 if reproject_factor is None else reproject_factor, _side(proj_type))
+  inner, bias_correction = _hf_adam(b1, b2, eps)
+  return optax.chain(
+      _project(options, inner, rank, update_proj_gap=update_proj_gap,
+               scale=scale, projector=projector, on_refresh="keep"),
+      bias_correction,
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
 
 
+@_alias(static=("rank", "switch_step", "update_proj_gap", "proj_type"))
 def golore(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 128,
     *,
-    switch_step: int = 0,
+    switch_step: Optional[int] = None,
     update_proj_gap: int = 200,
     scale: Union[float, jax.Array] = 1.0,
-    proj_type: str = "std",
+    proj_type: Optional[str] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    weight_decay_mask: Optional[Any] = None,
-    mask: shapes.MaskOrFn = None,
-    dimension_numbers: shapes.DimensionNumbersOrFn = None,
-    stagger: bool = False,
-    seed: int = 0,
+    options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
   """GoLore-AdamW: GaLore until ``switch_step``, then random subspaces.
 
@@ -1342,22 +1697,18 @@ def golore(
       1000 warmup steps, cosine).
     rank: Subspace rank (int) or fraction of each matrix's smaller side.
     switch_step: The first step with random subspaces: the reference's
-      ``rand_ratio · num_training_steps``. ``0`` (default) is the paper's
-      GoLore, random throughout; its pretraining recipe runs GaLore for the
-      first 80% of the steps (``switch_step = 0.8 · steps``). (The code's own
-      default ratio, 2, never switches: plain GaLore.)
+      ``rand_ratio · num_training_steps``. ``None`` (default) or ``0`` is the
+      paper's GoLore, random throughout; its pretraining recipe runs GaLore
+      for the first 80% of the steps (``switch_step = 0.8 · steps``). (The
+      code's own default ratio, 2, never switches: plain GaLore.)
     update_proj_gap: Steps between refreshes.
     scale: Multiplier of the back-projected update (the code's default 1).
-    proj_type: ``std``, ``reverse_std``, ``left`` or ``right``.
+    proj_type: ``std`` (``None``, the default), ``reverse_std``, ``left`` or
+      ``right``.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon, on the uncorrected ``√v``.
     weight_decay: Decoupled weight decay.
-    weight_decay_mask: Which leaves are decayed.
-    mask: Which leaves may be projected.
-    dimension_numbers: ``DimensionNumbers`` for leaves of more than two axes.
-    stagger: Spread the leaves' refreshes over the gap.
-    seed: Seed of the random subspaces.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1373,11 +1724,17 @@ def golore(
     Convergence Guarantees <https://arxiv.org/abs/2410.11289>`_, ICML 2025;
     code: github.com/pkumelon/Golore.
   """
-  _validate_adam(b1, b2, eps, weight_decay)
-  return _hf_adamw_in_subspace(
-      learning_rate, rank, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, update_proj_gap=update_proj_gap,
-      scale=scale, projector=projectors_lib.golore(switch_step, proj_type),
-      on_refresh="rotate", mask=mask, dimension_numbers=dimension_numbers,
-      stagger=stagger, seed=seed,
+  projector = projectors_lib.golore(
+      0 if switch_step is None else switch_step, _side(proj_type))
+  inner, bias_correction = _hf_adam(b1, b2, eps)
+  return optax.chain(
+      _project(options, inner, rank, update_proj_gap=update_proj_gap,
+               scale=scale, projector=projector, on_refresh="rotate"),
+      bias_correction,
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
+
+
+# doctest does not look into functools.partial objects: run their examples.
+__test__ = {"apollo_mini": apollo_mini.__doc__,
+            "galore_8bit": galore_8bit.__doc__}

@@ -61,7 +61,7 @@ def clip_by_matrix_rms(
     Memory Cost <https://arxiv.org/abs/1804.04235>`_, ICML 2018 (update
     clipping).
   """
-  if not threshold > 0:
+  if isinstance(threshold, (int, float)) and not threshold > 0:  # arrays pass
     raise ValueError(f"`threshold` must be positive, got {threshold!r}")
 
   def update(updates, state, params=None):

@@ -159,9 +159,10 @@ def projfactor(b2: float = 0.999, eps: float = 1e-6) -> CombineRule:
     Projection of Gradients <https://arxiv.org/abs/2505.01744>`_, ICML 2025
     (Alg. 2; reference code ``optim/projfactor.py``).
   """
-  if not 0.0 <= b2 < 1.0:
+  # Arrays (optax.inject_hyperparams) are not checked.
+  if isinstance(b2, (int, float)) and not 0.0 <= b2 < 1.0:
     raise ValueError(f"`b2` must be in [0, 1), got {b2!r}")
-  if not eps >= 0.0:
+  if isinstance(eps, (int, float)) and not eps >= 0.0:
     raise ValueError(f"`eps` must be >= 0, got {eps!r}")
 
   def init(info):

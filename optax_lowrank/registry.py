@@ -1,7 +1,12 @@
 """The registry of ready optimizers: name → factory ``f(learning_rate, ...)``.
 
 Training programs look optimizers up here (``optax_lowrank.optimizers``), so a
-new alias is usable by name without touching them.
+new alias is usable by name without touching them. ``STATIC_ARGS[name]`` lists
+the arguments of each that ``optax.inject_hyperparams`` must leave static
+(``aliases.static_args``)::
+
+  optax.inject_hyperparams(optax_lowrank.galore,
+                           static_args=optax_lowrank.STATIC_ARGS["galore"])
 """
 
 from optax_lowrank import aliases
@@ -22,4 +27,8 @@ optimizers = {
     "q_galore": aliases.q_galore,
     "coap": aliases.coap,
     "golore": aliases.golore,
+}
+
+STATIC_ARGS = {
+    name: aliases.static_args(factory) for name, factory in optimizers.items()
 }

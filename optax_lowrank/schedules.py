@@ -156,7 +156,8 @@ def lazy(
     raise ValueError(f"`queue_size` must be a positive int, got {queue_size!r}")
   if not isinstance(gamma, int) or gamma < 2:
     raise ValueError(f"`gamma` must be an int >= 2, got {gamma!r}")
-  if not -1.0 <= cos_threshold <= 1.0:
+  if isinstance(cos_threshold, (int, float)) and not (
+      -1.0 <= cos_threshold <= 1.0):  # arrays (inject_hyperparams) pass
     raise ValueError(
         f"`cos_threshold` must be in [-1, 1], got {cos_threshold!r}")
 
@@ -261,7 +262,8 @@ def adaptive_rank(projector: Projector, threshold: float = 0.9) -> Projector:
     <https://arxiv.org/abs/2410.17881>`_, ICLR 2025.
   """
   check_wrappable(projector, "schedules.adaptive_rank")
-  if not 0.0 < threshold <= 1.0:
+  if isinstance(threshold, (int, float)) and not 0.0 < threshold <= 1.0:
+    # Arrays (optax.inject_hyperparams) are not checked.
     raise ValueError(f"`threshold` must be in (0, 1], got {threshold!r}")
 
   def masked(basis, keep):

@@ -157,7 +157,7 @@ def test_accumulator_is_projected_for_projected_leaves():
   params = {"w": jnp.zeros((64, 256)), "v": jnp.zeros((256, 64)), "emb": jnp.zeros((100, 64))}
   mask = {"w": True, "v": True, "emb": False}
   c, r = 8, 2
-  vlorp = ol.vlorp(1e-3, rank=r, granularity=c, mask=mask)
+  vlorp = ol.vlorp(1e-3, rank=r, granularity=c, projection_mask=mask)
   plain = ol.memory.state_bytes(vlorp, params).total_bytes
   acc = ol.memory.state_bytes(ol.MultiSteps(vlorp, 4), params).total_bytes
   assert acc - plain == 4 * (2 * 256 * c * r) + 2 * 8 + 4 * 100 * 64 + 2 * 4

@@ -234,7 +234,7 @@ CASES = {
     "frugal": [
         (f"{subspace}-{density}",
          dict(density=density, subspace=subspace,
-              **({"mask": {k: k == "stack" for k in SHAPES}}
+              **({"projection_mask": {k: k == "stack" for k in SHAPES}}
                  if subspace == "blocks" else {})),
          lambda s, f=formula, d=density: f(s, d))
         for subspace, formula in (("blocks", frugal_blocks),

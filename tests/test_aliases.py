@@ -6,6 +6,7 @@ the numbers); the formulas themselves are checked against float64 references in 
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ ALIASES = {
     "fira": lambda: ol.fira(0.1, rank=4, update_proj_gap=2, dimension_numbers=DIMS),
     "frugal_blocks": lambda: ol.frugal(
         0.1, 0.5, subspace="blocks", update_proj_gap=2, dimension_numbers=DIMS,
-        mask={"w": False, "v": False, "layers": True, "b": False}),
+        projection_mask={"w": False, "v": False, "layers": True, "b": False}),
     "frugal_columns": lambda: ol.frugal(0.1, 0.25, subspace="columns", update_proj_gap=2,
                                         dimension_numbers=DIMS),
     "frugal_random": lambda: ol.frugal(0.1, 0.25, subspace="random", update_proj_gap=2,
@@ -187,7 +188,7 @@ def test_blocks_needs_a_stacked_axis_and_names_the_leaf():
     (ol.fira, dict(proj_type="full"), "proj_type"),
     (ol.fira, dict(eps=-1.0), "eps"),
     (ol.frugal, dict(density=0.0), "density"),
-    (ol.frugal, dict(subspace="diagonal"), "projector"),
+    (ol.frugal, dict(subspace="diagonal"), "`subspace`"),
     (ol.frugal, dict(order="sideways"), "order"),
     (ol.frugal, dict(state_free_rule="adam"), "rule"),
     (ol.flora, dict(b2=0.0), "b2"),
@@ -200,3 +201,292 @@ def test_blocks_needs_a_stacked_axis_and_names_the_leaf():
 def test_bad_hyperparameters_name_the_parameter(factory, kwargs, match):
   with pytest.raises(ValueError, match=match):
     factory(1e-3, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# The shared options, inject_hyperparams and argument checks, for every alias.
+# ---------------------------------------------------------------------------
+
+SMALL = {"w": (32, 16), "v": (16, 24), "b": (16,)}
+# One small configuration per registered alias: rank 4 (or density 0.25), and
+# sides that every alias projects.
+SMALL_KWARGS = {
+    "galore": dict(rank=4),
+    "apollo": dict(rank=4),
+    "apollo_mini": dict(),
+    "fira": dict(rank=4),
+    "frugal": dict(density=0.25, subspace="columns"),
+    "flora": dict(rank=4, min_dim_size_to_factor=8),
+    "vlorp": dict(rank=2, granularity=4),
+    "osd": dict(rank=4, peak_learning_rate=0.1),
+    "dct_adamw": dict(rank=4),
+    "grass": dict(rank=4),
+    "adarankgrad": dict(rank=4),
+    "galore_8bit": dict(rank=4),
+    "q_galore": dict(rank=4),
+    "coap": dict(rank=4),
+    "golore": dict(rank=4),
+}
+DECAY_MASK = {"w": True, "v": False, "b": False}
+PROJECTED = {"w": True, "v": True, "b": False}
+
+
+def test_every_registered_optimizer_has_a_small_configuration():
+  assert set(ol.optimizers) == set(SMALL_KWARGS)
+
+
+def _small(seed):
+  keys = jax.random.split(jax.random.key(seed), len(SMALL))
+  return {k: jax.random.normal(key, s) for key, (k, s) in zip(keys, SMALL.items())}
+
+
+def _bases(state):
+  return {name for s in _lowrank_states(state) for name in s.bases}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_KWARGS))
+def test_mask_is_the_weight_decay_mask_of_optax_adamw(name):
+  """``mask`` selects the decayed leaves exactly as ``optax.adamw``'s does: the
+  update with weight decay minus the one without is optax.adamw's (its own two
+  updates' difference, ``-lr·wd·W`` on the masked leaves), for a callable mask, while
+  ``projection_mask`` (also a callable) picks the projected leaves. Flora adds
+  ``wd·W`` after the learning rate (its reference's rule): its difference is
+  optax.adamw's divided by the learning rate."""
+  lr, wd = 0.1, 0.25
+  params, grads = _small(0), _small(1)
+  factory = ol.optimizers[name]
+  kw = dict(SMALL_KWARGS[name], mask=lambda p: DECAY_MASK,
+            projection_mask=lambda p: PROJECTED)
+
+  def first_update(tx):
+    state = tx.init(params)
+    return tx.update(grads, state, params)[0], state
+
+  @jax.jit
+  def run():
+    with_decay, state = first_update(factory(lr, weight_decay=wd, **kw))
+    without, _ = first_update(factory(lr, weight_decay=0.0, **kw))
+    ref_decay, _ = first_update(
+        optax.adamw(lr, weight_decay=wd, mask=lambda p: DECAY_MASK))
+    ref_without, _ = first_update(optax.adamw(lr, weight_decay=0.0))
+    return with_decay, without, ref_decay, ref_without, state
+
+  with_decay, without, ref_decay, ref_without, state = run()
+  assert _bases(state) == {"w", "v"}, (name, _bases(state))  # projection_mask
+  for k in SMALL:
+    got = np.asarray(with_decay[k]) - np.asarray(without[k])
+    want = np.asarray(ref_decay[k]) - np.asarray(ref_without[k])
+    if name == "flora":
+      want = want / lr
+    scale = np.abs(np.asarray(without[k])).max() + np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale,
+                               err_msg=f"{name} {k}")
+    if not DECAY_MASK[k]:
+      assert not np.any(got), (name, k)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_KWARGS))
+def test_inject_hyperparams_with_the_static_args_equals_the_alias(name):
+  """optax's documented recipe with ``STATIC_ARGS``: numbers injected as arrays (and
+  a learning-rate schedule), callable masks kept static. One jitted update equals
+  the alias's, and the state is the alias's low-rank one (callables not taken for
+  schedules: the projected leaves keep their bases, the inner state its shapes)."""
+  factory = ol.optimizers[name]
+  kw = dict(SMALL_KWARGS[name], learning_rate=optax.linear_schedule(0.1, 0.01, 10),
+            weight_decay=0.01, mask=lambda p: DECAY_MASK,
+            projection_mask=lambda p: PROJECTED)
+  params, grads = _small(0), _small(1)
+  plain = factory(**kw)
+  injected = optax.inject_hyperparams(
+      factory, static_args=ol.STATIC_ARGS[name])(**kw)
+
+  plain_state = jax.jit(plain.init)(params)
+  state = jax.jit(injected.init)(params)
+  assert "b1" in state.hyperparams and "learning_rate" in state.hyperparams_states
+  assert not {"mask", "projection_mask"} & (set(state.hyperparams)
+                                           | set(state.hyperparams_states))
+  assert _bases(state.inner_state) == _bases(plain_state) == {"w", "v"}, name
+  shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), _lowrank_states(t))
+  assert shapes(state.inner_state) == shapes(plain_state), name
+
+  want, _ = jax.jit(plain.update)(grads, plain_state, params)
+  got, state = jax.jit(injected.update)(grads, state, params)
+  for k in SMALL:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-5,
+                               atol=1e-6 * float(jnp.abs(want[k]).max()),
+                               err_msg=f"{name} {k}")
+
+
+# Values each argument must refuse, by name; every argument of every alias has an
+# entry (masks and dimension numbers accept any pytree or function).
+NAN, INF = float("nan"), float("inf")
+BAD = {
+    "learning_rate": [NAN, INF, True, "0.1"],
+    "rank": [True, 0, -1, NAN, INF, 1.5, "8", np.bool_(True)],
+    "update_proj_gap": [True, 0, 2.5, np.float32(10)],
+    "scale": [0.0, -1.0, NAN, INF, np.float32(INF), True],
+    "proj_type": ["diag", 1],
+    "projector": ["svd2"],
+    "b1": [NAN, 1.0, -0.1, True],
+    "b2": [NAN, 1.0, -0.1, True],
+    "eps": [NAN, -1e-8, INF, True],
+    "weight_decay": [NAN, -0.1, INF, True],
+    "mask": [],
+    "projection_mask": [],
+    "dimension_numbers": [],
+    "stagger": [1, "yes"],
+    "seed": [True, 1.5, "0"],
+    "state_dtype": ["int4", "float16"],
+    "group_fn": [3],
+    "on_refresh": ["sometimes"],
+    "scale_type": ["row"],
+    "scale_front": [1],
+    "limiter": ["yes"],
+    "density": [True, 0.0, 1.5, NAN],
+    "subspace": ["diagonal"],
+    "order": ["sideways"],
+    "proj_lr_scale": [0.0, NAN],
+    "state_free_lr_scale": [-1.0, NAN],
+    "state_free_rule": ["adam"],
+    "reset_statistics": [1],
+    "kappa": [True, 0, 2.5],
+    "clipping_threshold": [0.0, NAN],
+    "multiply_by_parameter_scale": [1],
+    "min_dim_size_to_factor": [0, True],
+    "factorized_second_moment": [1],
+    "momentum_dtype": ["float99"],
+    "granularity": [3, True, 0],
+    "distribution": ["uniform"],
+    "peak_learning_rate": [0.0, NAN],
+    "norm": ["l3"],
+    "selection": ["random"],
+    "threshold": [0.0, 1.5, NAN],
+    "proj_bits": [3, True],
+    "proj_group_size": [0, True],
+    "cos_threshold": [1.5, NAN],
+    "gamma_proj": [1, True],
+    "queue_size": [0],
+    "reproject_factor": [0, True],
+    "switch_step": [-1, True],
+}
+BAD_FOR = {("flora", "b2"): [NAN, 0.0, INF, True],  # an exponent > 0
+           ("vlorp", "projector"): ["random"]}  # None or a Projector
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_KWARGS))
+def test_bad_values_are_refused_naming_the_argument(name):
+  """Bools where numbers belong (``update_proj_gap=True`` would refresh every step),
+  ``inf``, ``nan`` and out-of-range values are errors, and every error names the
+  argument as the user passed it (Flora's ``kappa``, Q-GaLore's ``proj_bits``,
+  FRUGAL's ``subspace``), never an internal one."""
+  factory = ol.optimizers[name]
+  params = inspect.signature(factory).parameters
+  accepted, misnamed = [], []
+  for p in params:
+    for value in BAD_FOR.get((name, p), BAD.get(p, [])):
+      kwargs = dict(SMALL_KWARGS[name], learning_rate=1e-3)
+      kwargs[p] = value
+      try:
+        factory(**kwargs)
+      except ValueError as e:
+        if f"`{p}`" not in str(e):
+          misnamed.append((p, value, str(e)))
+      else:
+        accepted.append((p, value))
+  assert not accepted, (name, "accepted", accepted)
+  assert not misnamed, (name, "errors not naming the argument", misnamed)
+  missing = [p for p in params if p not in BAD]
+  assert not missing, f"no bad values for {missing}: add them to BAD"
+
+
+@pytest.mark.parametrize("factory, kwargs, match", [
+    # Accepted, then wrong (issue 14): a refresh every step, an infinite step, nan.
+    (ol.galore, dict(update_proj_gap=True), "`update_proj_gap`"),
+    (ol.galore, dict(scale=np.float32("inf")), "`scale`"),
+    (ol.apollo, dict(scale=float("inf")), "`scale`"),
+    (ol.frugal, dict(density=True), "`density`"),
+    *[(f, dict(eps=float("nan")), "`eps`") for f in ol.optimizers.values()],
+    # Errors that named an internal argument instead of the one passed.
+    (ol.flora, dict(kappa=0), "`kappa`"),
+    (ol.q_galore, dict(proj_bits=3), "`proj_bits`"),
+    (ol.frugal, dict(subspace="diagonal"), "`subspace`"),
+    (ol.flora, dict(clipping_threshold=0.0), "`clipping_threshold`"),
+    (ol.q_galore, dict(gamma_proj=1), "`gamma_proj`"),
+])
+def test_issue_14_values_are_refused_naming_the_argument(factory, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    factory(1e-3, **kwargs)
+
+
+def test_cross_argument_errors_name_the_arguments():
+  with pytest.raises(ValueError, match="`proj_group_size`"):
+    ol.q_galore(1e-3, proj_bits=4, proj_group_size=255)
+  with pytest.raises(ValueError, match="`kappa`"):
+    ol.flora(1e-3, kappa=0)
+
+
+@pytest.mark.parametrize("name", sorted(
+    n for n in SMALL_KWARGS if "rank" in inspect.signature(ol.optimizers[n]).parameters))
+def test_numpy_and_jax_integers_are_ranks(name):
+  """``rank=np.int64(8)`` (from a numpy config, or a JAX scalar) is rank 8."""
+  for rank in (np.int64(8), jnp.int32(8)):
+    kwargs = dict(SMALL_KWARGS[name], rank=rank)
+    if name == "vlorp":
+      kwargs["granularity"] = 1
+    if "update_proj_gap" in inspect.signature(ol.optimizers[name]).parameters:
+      kwargs["update_proj_gap"] = np.int32(10)
+    tx = ol.optimizers[name](1e-3, **kwargs)
+    state = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((48, 32), jnp.float32)})
+    (lowrank,) = _lowrank_states(state)
+    assert lowrank.bases["w"].rank == 8, (name, rank)
+
+
+@pytest.mark.parametrize("factory, arg", [
+    (ol.galore, "projector"), (ol.galore_8bit, "projector"), (ol.apollo, "projector"),
+    (ol.apollo_mini, "projector"), (ol.fira, "projector"), (ol.frugal, "subspace")])
+def test_proj_type_with_a_projector_instance_is_an_error(factory, arg):
+  """A ``Projector`` carries its side: ``proj_type`` beside it is refused, not ignored."""
+  with pytest.raises(ValueError, match="`proj_type`.*Projector instance"):
+    factory(1e-3, proj_type="std", **{arg: ol.projectors.svd("right")})
+  factory(1e-3, **{arg: ol.projectors.svd("right")})  # alone, it is used
+
+
+def test_shared_options_are_the_same_everywhere():
+  """Every alias takes the shared options, with the same defaults (q_galore and
+  galore_8bit store int8 moments by definition), documented in its docstring."""
+  shared = dict(mask=None, projection_mask=None, dimension_numbers=None, stagger=False,
+                seed=0, state_dtype=None, group_fn=None)
+  for name, factory in ol.optimizers.items():
+    params = inspect.signature(factory).parameters
+    for option, default in shared.items():
+      if name in ("q_galore", "galore_8bit") and option == "state_dtype":
+        default = "int8"
+      assert params[option].default == default, (name, option)
+      assert params[option].kind == inspect.Parameter.KEYWORD_ONLY, (name, option)
+      assert f"    {option}: " in factory.__doc__ or name in ("apollo_mini", "galore_8bit")
+    assert set(ol.STATIC_ARGS[name]) <= set(params), name
+    assert {"mask", "projection_mask", "dimension_numbers", "group_fn"} <= set(
+        ol.STATIC_ARGS[name]), name
+
+
+def test_variants_are_partials_the_trainer_can_call():
+  """``apollo_mini`` and ``galore_8bit`` are ``functools.partial``s (as optax's
+  ``nadamw``) whose signatures still show what they take."""
+  assert isinstance(ol.apollo_mini, functools.partial)
+  assert ol.apollo_mini.func is ol.apollo and ol.galore_8bit.func is ol.galore
+  params = inspect.signature(ol.apollo_mini).parameters
+  assert params["rank"].default == 1 and params["scale"].default == 128.0
+  assert {"projection_mask", "update_proj_gap", "seed"} <= set(params)
+  assert inspect.signature(ol.galore_8bit).parameters["state_dtype"].default == "int8"
+  assert ol.aliases.static_args(ol.apollo_mini) == ol.aliases.static_args(ol.apollo)
+
+
+def test_a_traced_static_argument_names_the_recipe():
+  with pytest.raises(ValueError, match=r"`granularity`.*STATIC_ARGS\['vlorp'\]"):
+    jax.jit(lambda c: ol.vlorp(1e-3, granularity=c).init({"w": jnp.ones((8, 8))}))(4)
+
+
+def test_osd_takes_a_schedule_without_its_peak_with_a_warning():
+  """optax's harness passes a schedule alone; the basis step then does not follow it."""
+  with pytest.warns(UserWarning, match="peak_learning_rate"):
+    ol.osd(optax.constant_schedule(1e-3), rank=4)

@@ -183,7 +183,7 @@ def _config(name):
     mask = {k: k != "bias" for k in SHAPES}
     return run(
         SHAPES, learning_rate=sched, seed=3,
-        tx_kwargs=dict(clipping_threshold=0.5, weight_decay=WD, weight_decay_mask=mask),
+        tx_kwargs=dict(clipping_threshold=0.5, weight_decay=WD, mask=mask),
         refs_kwargs={"paper": dict(PAPER, clipping_threshold=0.5, weight_decay=WD,
                                    lr=lambda t: float(sched(t)))},
         ref_overrides={"bias": dict(weight_decay=None)}), 0.5

@@ -5,8 +5,6 @@ import re
 
 import pytest
 
-import optax_lowrank
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FRAMEWORKS = ROOT / "docs" / "frameworks.md"
@@ -32,9 +30,6 @@ def test_readme_has_examples():
 @pytest.mark.parametrize("source", FRAMEWORK_BLOCKS,
                          ids=[f"block{i}" for i in range(len(FRAMEWORK_BLOCKS))])
 def test_frameworks_page_example_runs(source):
-  if "STATIC_ARGS" in source and not hasattr(optax_lowrank, "STATIC_ARGS"):
-    # Until the alias layer's inject_hyperparams support (STATIC_ARGS) is merged.
-    pytest.skip("optax_lowrank.STATIC_ARGS is not defined yet")
   exec(compile(source, str(FRAMEWORKS), "exec"), {})
 
 

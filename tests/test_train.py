@@ -67,7 +67,8 @@ def test_galore_scanned_step_on_8_devices_equals_one_device():
   abstract = pure_dict(nnx.state(steps.abstract_model(CFG)[1], nnx.Param))
   mask, dims = lowrank_spec(abstract, CFG)
   tx = optax.chain(_record_grads(), optax_lowrank.galore(
-      1e-2, rank=0.25, update_proj_gap=5, eps=1e-4, mask=mask, dimension_numbers=dims))
+      1e-2, rank=0.25, update_proj_gap=5, eps=1e-4, projection_mask=mask,
+      dimension_numbers=dims))
   batch = _batch(8, seed=3)
   one = shd.make_mesh({}, devices=jax.devices()[:1])
   params, single, m1, _ = _run_step(CFG, tx, one, batch)
@@ -125,7 +126,8 @@ def test_subspace_accumulation_step_equals_one_big_batch():
   cfg = CFG.replace(d_model=64, d_ff=160)
   graphdef, abstract = steps.abstract_model(cfg)
   mask, dims = lowrank_spec(pure_dict(nnx.state(abstract, nnx.Param)), cfg)
-  make = lambda: ol.vlorp(1e-2, rank=2, granularity=4, mask=mask, dimension_numbers=dims)
+  make = lambda: ol.vlorp(1e-2, rank=2, granularity=4, projection_mask=mask,
+                          dimension_numbers=dims)
   mesh = shd.make_mesh({}, devices=jax.devices()[:1])
   tokens = _batch(16, seed=3)
   params, whole, m1, _ = _run_step(cfg, make(), mesh, tokens.reshape(1, 16, SEQ + 1))

@@ -89,7 +89,8 @@ def test_state_bytes_are_the_budget_plus_row_and_column_factors():
           "emb": None}
   mask = {"w": True, "v": True, "layers": True, "b": False, "emb": False}
   for c, r in [(16, 1), (4, 4), (1, 16), (0.5, 8)]:
-    tx = ol.vlorp(1e-3, rank=r, granularity=c, mask=mask, dimension_numbers=dims)
+    tx = ol.vlorp(1e-3, rank=r, granularity=c, projection_mask=mask,
+                  dimension_numbers=dims)
     mem = ol.memory.state_bytes(tx, params)
     by_path = {leaf.path: leaf.state_bytes for leaf in mem.leaves}
     for path, (L, R, C) in {"['w']": (1, 256, 64), "['v']": (1, 64, 256),

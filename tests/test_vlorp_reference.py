@@ -160,7 +160,7 @@ def _compiled(c: Case):
   beyond float32 rounding.
   """
   lay = LAYOUTS[c.layout]
-  tx = optax_lowrank.vlorp(c.lr, update_proj_gap=GAP, b1=B1, mask=lay.tree(lay.mask),
+  tx = optax_lowrank.vlorp(c.lr, update_proj_gap=GAP, b1=B1, projection_mask=lay.tree(lay.mask),
                            dimension_numbers=lay.tree(lay.dims), **c.options)
   return tx, jax.jit(tx.update,
                      compiler_options={"xla_backend_optimization_level": 0})

@@ -1,7 +1,9 @@
 """Optimizer registry: name → factory(args, schedule, mask, dimension_numbers).
 
-`args` is the trainer's parsed flags; `mask` and `dimension_numbers` come from
-`models.lowrank_spec` (derived from the model, never typed by hand). `optax_lowrank` is
+`args` is the trainer's parsed flags; `mask` (which leaves are projected) and
+`dimension_numbers` come from `models.lowrank_spec` (derived from the model, never typed
+by hand) and reach a library alias as `projection_mask` and `dimension_numbers` (its
+`mask` is the weight-decay mask, as in `optax.adamw`). `optax_lowrank` is
 imported lazily inside the factories, so `adamw` runs without it. Names from a registry
 `optax_lowrank.optimizers` (dict name → factory), when the library has one, are added.
 """
@@ -58,8 +60,8 @@ def _offered(args, mask=None, dims=None) -> dict[str, Any]:
   """The keyword arguments the flags offer a library factory (unset flags left out)."""
   offered = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
                  proj_type=args.proj_type, b1=args.b1, b2=args.b2, eps=args.eps,
-                 weight_decay=args.weight_decay, mask=mask, dimension_numbers=dims,
-                 peak_learning_rate=args.lr)
+                 weight_decay=args.weight_decay, projection_mask=mask,
+                 dimension_numbers=dims, peak_learning_rate=args.lr)
   return {k: v for k, v in offered.items() if v is not None}
 
 
@@ -71,11 +73,11 @@ def _refused(factory: Callable, args) -> str | None:
   dropped = sorted(k for k in _offered(args) if k not in takes and k not in _ALWAYS)
   if dropped:
     flags = ", ".join("--" + k.replace("_", "-") for k in dropped)
-    return (f"{factory.__name__} takes no {flags}; its arguments are {sorted(takes)} "
+    return (f"{_name(factory)} takes no {flags}; its arguments are {sorted(takes)} "
             "(pass others with --opt-args K=V)")
   unknown = sorted(k for k in (getattr(args, "opt_args", None) or {}) if k not in takes)
   if unknown:
-    return (f"--opt-args: {factory.__name__} takes no {unknown}; its arguments are "
+    return (f"--opt-args: {_name(factory)} takes no {unknown}; its arguments are "
             f"{sorted(takes)}")
   return None
 
@@ -109,8 +111,16 @@ def _from_library(factory: Callable) -> Factory:
   return build
 
 
+def _name(factory: Callable) -> str:
+  """A factory's name, also for a `functools.partial` without one."""
+  while not hasattr(factory, "__name__") and hasattr(factory, "func"):
+    factory = factory.func
+  return getattr(factory, "__name__", repr(factory))
+
+
 # Offered to every factory; dropped without a word when it does not take them.
-_ALWAYS = frozenset({"mask", "dimension_numbers", "weight_decay", "peak_learning_rate"})
+_ALWAYS = frozenset({"projection_mask", "dimension_numbers", "weight_decay",
+                     "peak_learning_rate"})
 
 
 def available() -> dict[str, Factory]:

@@ -11,8 +11,8 @@ from optax_lowrank.projectors.grass import SparseBasis, grass
 from optax_lowrank.projectors.online_pca import OnlinePCABasis, online_pca
 from optax_lowrank.projectors.random import KeyBasis, random
 from optax_lowrank.projectors.randomized_svd import randomized_svd
+from optax_lowrank.projectors.matmul import PROJ_TYPES, SIDES
 from optax_lowrank.projectors.svd import (
-    PROJ_TYPES,
     LeftBasis,
     RightBasis,
     TwoSidedBasis,
@@ -33,6 +33,7 @@ __all__ = [
     "Projector",
     "RefreshContext",
     "RightBasis",
+    "SIDES",
     "SparseBasis",
     "TwoSidedBasis",
     "blocks",

@@ -15,9 +15,8 @@ from optax_lowrank.projectors.online_pca import reconstruction_error
 from optax_lowrank.projectors.randomized_svd import (
     _cholesky_qr2, randomized_subspace)
 from optax_lowrank.projectors.svd import (
-    RightBasis, one_sided_like, one_sided_matrix, svd)
+    one_sided_like, one_sided_matrix, svd)
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
 # torch.nn.functional.cosine_similarity's default ``eps``: each vector's norm
 # is clamped below at it.
 COSINE_EPS = 1e-8
@@ -319,9 +318,7 @@ def coap(
       or reproject_factor < 1):
     raise ValueError(
         f"`reproject_factor` must be a positive int, got {reproject_factor!r}")
-  if proj_type not in PROJ_TYPES:
-    raise ValueError(
-        f"`proj_type` must be one of {PROJ_TYPES}, got {proj_type!r}")
+  matmul.check_proj_type(proj_type)
   for name, value in (("learning_rate", learning_rate),
                       ("max_grad_norm", max_grad_norm)):
     if not isinstance(value, (int, float)) or not value > 0:
@@ -334,7 +331,7 @@ def coap(
   def recompute(g, state, key, moment):
     del moment
     basis = state.basis
-    right = isinstance(basis, RightBasis)
+    right = basis.side == "right"
     a = jnp.swapaxes(g, -1, -2) if right else g  # (p, q): G right, Gᵀ left
     # Y = A Ω spans the same space whatever A's scale; this keeps the Gram
     # matrices of CholeskyQR finite.
@@ -364,7 +361,7 @@ def coap(
   def correct(g, state, key, moment):
     del key
     basis = state.basis
-    side = "right" if isinstance(basis, RightBasis) else "left"
+    side = basis.side
     p = one_sided_matrix(basis).astype(jnp.float32)
     new = correction_step(p, moment, g, side, learning_rate, max_grad_norm)
     return one_sided_like(basis, keep_if_moment_not_finite(new, p, moment))

@@ -186,11 +186,7 @@ def randperm(proj_type: str = "std") -> Projector:
   References:
     Zmushko et al., `FRUGAL <https://arxiv.org/abs/2411.07837>`_, ICML 2025.
   """
-  if proj_type not in ("std", "reverse_std", "left", "right"):
-    raise ValueError(
-        "`proj_type` must be one of ('std', 'reverse_std', 'left', 'right'), "
-        f"got {proj_type!r}"
-    )
+  matmul.check_proj_type(proj_type)
 
   def kind(info):
     side = matmul.side(proj_type, info.m, info.n, info.std_side)

@@ -24,7 +24,6 @@ from optax_lowrank import shapes
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
 NORMS = ("l1", "l2")
 # Largest size whose phase index j·(2k+1) <= (size-1)·(2·size-1) fits uint32.
 MAX_SIZE = 46341
@@ -189,9 +188,7 @@ def dct(proj_type: str = "std", *, norm: str = "l1") -> Projector:
     github.com/IST-DASLab/ISTA-DASLab-Optimizers
     (``ista_daslab_optimizers/fft_low_rank``).
   """
-  if proj_type not in PROJ_TYPES:
-    raise ValueError(
-        f"`proj_type` must be one of {PROJ_TYPES}, got {proj_type!r}")
+  matmul.check_proj_type(proj_type)
   if norm not in NORMS:
     raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}")
 

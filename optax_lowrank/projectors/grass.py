@@ -20,7 +20,6 @@ from optax_lowrank import shapes
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
 SELECTIONS = ("top_norm", "norm_sampling")
 
 
@@ -166,9 +165,7 @@ def grass(
     Structured Sparse Gradients <https://arxiv.org/abs/2406.17660>`_, EMNLP
     2024; repository: github.com/aashiqmuhamed/GRASS.
   """
-  if proj_type not in PROJ_TYPES:
-    raise ValueError(
-        f"`proj_type` must be one of {PROJ_TYPES}, got {proj_type!r}")
+  matmul.check_proj_type(proj_type)
   if selection not in SELECTIONS:
     raise ValueError(
         f"`selection` must be one of {SELECTIONS}, got {selection!r}")

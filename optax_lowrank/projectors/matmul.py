@@ -18,7 +18,25 @@ import jax.numpy as jnp
 
 from optax_lowrank import shapes
 
+# The side a one-sided basis projects, in every projector: ``left`` (the rows
+# ``m`` of the references' ``G``) or ``right`` (its columns ``n``). Bases name
+# theirs as ``basis.side`` (a field, or a property of the SVD bases).
 SIDES = ("left", "right")
+
+# galore-torch's projection types, the one vocabulary of every projector's
+# ``proj_type`` (``side`` maps each to a side). Every projector takes the
+# one-sided ones; ``full`` (both sides) is ``projectors.svd``'s alone, and
+# ``projectors.random`` adds ``smaller`` (Flora's tie rule).
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+ONE_SIDED = PROJ_TYPES[:4]
+
+
+def check_proj_type(proj_type, accepted: tuple[str, ...] = ONE_SIDED,
+                    hint: str = "") -> None:
+  """Raises ``ValueError`` naming ``proj_type`` unless it is in ``accepted``."""
+  if not isinstance(proj_type, str) or proj_type not in accepted:
+    raise ValueError(
+        f"`proj_type` must be one of {accepted}, got {proj_type!r}{hint}")
 
 
 def side(proj_type: str, m: int, n: int, std_side: Optional[str] = None) -> str:

@@ -14,9 +14,8 @@ from optax_lowrank.inner import adam as adam_lib
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 from optax_lowrank.projectors.svd import (
-    RightBasis, one_sided_like, one_sided_matrix, svd)
+    one_sided_like, one_sided_matrix, svd)
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 
 @jax.tree_util.register_dataclass
@@ -124,9 +123,7 @@ def online_pca(
   if not isinstance(update_proj_gap, int) or update_proj_gap < 1:
     raise ValueError(
         f"`update_proj_gap` must be a positive int, got {update_proj_gap!r}")
-  if proj_type not in PROJ_TYPES:
-    raise ValueError(
-        f"`proj_type` must be one of {PROJ_TYPES}, got {proj_type!r}")
+  matmul.check_proj_type(proj_type)
   adam_lib.validate(b1, b2, eps)
   if not weight_decay >= 0.0:
     raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}")
@@ -149,7 +146,7 @@ def online_pca(
     step = ctx.step
     basis = state.next
     p = one_sided_matrix(basis)
-    side = "right" if isinstance(basis, RightBasis) else "left"
+    side = basis.side
     # The online-PCA loss ``‖Ĝ PᵀP − Ĝ‖²`` of the normalized gradient.
     norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=(-2, -1), keepdims=True))
     _, grad = reconstruction_error(p, g / jnp.where(norm > 0, norm, 1.0), side)

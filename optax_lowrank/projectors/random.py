@@ -14,7 +14,6 @@ from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
-PROJ_TYPES = ("std", "reverse_std", "smaller", "left", "right")
 SCALES = ("rank", "unit", "orthonormal")
 
 
@@ -106,10 +105,7 @@ def random(
     Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
     <https://arxiv.org/abs/2412.05270>`_, MLSys 2025.
   """
-  if proj_type not in PROJ_TYPES:
-    raise ValueError(
-        f"`proj_type` must be one of {PROJ_TYPES}, got {proj_type!r}"
-    )
+  matmul.check_proj_type(proj_type, (*matmul.ONE_SIDED, "smaller"))
   if distribution not in DISTRIBUTIONS:
     raise ValueError(
         f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}"

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from optax_lowrank import shapes
+from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.svd import LeftBasis, RightBasis, svd
 from optax_lowrank.projectors.base import Projector
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 # Shift of the ``k × k`` Gram matrix in each CholeskyQR pass:
 # ``chol(YᵀY + s·I)`` with ``s = SHIFT · k · eps · max(diag(YᵀY))`` (float32
@@ -193,12 +193,10 @@ def randomized_subspace(
 
 
 def _validate(proj_type, power_iters, oversample, warm_start, basis_dtype):
-  if proj_type not in PROJ_TYPES:
-    extra = (" (`full` needs both sides: use projectors.svd('full'))"
-             if proj_type == "full" else "")
-    raise ValueError(
-        f"`proj_type` must be one of {PROJ_TYPES}, got {proj_type!r}{extra}"
-    )
+  matmul.check_proj_type(
+      proj_type,
+      hint=(" (`full` needs both sides: use projectors.svd('full'))"
+            if proj_type == "full" else ""))
   for name, value in (("power_iters", power_iters), ("oversample", oversample)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(
@@ -301,7 +299,7 @@ def randomized_svd(
 
   def refresh(ctx, g, basis):
     key = ctx.key
-    right = isinstance(basis, RightBasis)
+    right = basis.side == "right"
     # The subspace is the left singular subspace of ``a`` (``p × q``): for a
     # right basis (V, n-space) that is ``g`` itself, for a left one (U,
     # m-space) its transpose.

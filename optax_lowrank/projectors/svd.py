@@ -12,19 +12,26 @@ from optax_lowrank import shapes
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-
-
 class RightBasis(NamedTuple):
   """Top-``r`` right singular vectors ``Vh[:r]``, ``(batch..., r, n)``."""
 
   vh: jax.Array
+
+  @property
+  def side(self) -> str:
+    """``right`` (``matmul.SIDES``)."""
+    return "right"
 
 
 class LeftBasis(NamedTuple):
   """Top-``r`` left singular vectors ``U[:, :r]``, ``(batch..., m, r)``."""
 
   u: jax.Array
+
+  @property
+  def side(self) -> str:
+    """``left`` (``matmul.SIDES``)."""
+    return "left"
 
 
 def one_sided_matrix(basis) -> jax.Array:
@@ -42,6 +49,11 @@ class TwoSidedBasis(NamedTuple):
 
   u: jax.Array
   vh: jax.Array
+
+  @property
+  def side(self) -> str:
+    """``full``: both sides."""
+    return "full"
 
 
 def _canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -118,10 +130,7 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024.
   """
-  if proj_type not in PROJ_TYPES:
-    raise ValueError(
-        f"`proj_type` must be one of {PROJ_TYPES}, got {proj_type!r}"
-    )
+  matmul.check_proj_type(proj_type, matmul.PROJ_TYPES)
 
   def init(info, dtype):
     dtype = basis_dtype or dtype
