@@ -1061,7 +1061,7 @@ def flora(
     ])
 
   return optax.chain(
-      optax.scale_by_factored_rms(
+      inner_lib.scale_by_factored_rms(
           factored=factorized_second_moment, decay_rate=b2, epsilon=eps,
           min_dim_size_to_factor=min_dim_size_to_factor),
       _project(options._replace(projection_mask=compressed),

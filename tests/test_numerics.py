@@ -50,17 +50,10 @@ METHODS = {
     "vlorp": lambda: ol.vlorp(1e-3, rank=1, granularity=4, update_proj_gap=2),
     "flora": lambda: ol.flora(1e-3, rank=8, kappa=2),
 }
-FLORA_WIRING = pytest.mark.xfail(
-    strict=True,
-    reason="aliases.flora still chains optax.scale_by_factored_rms, which returns NaN "
-           "from ~1e18; switching it to optax_lowrank.inner.scale_by_factored_rms (a "
-           "one-line change in aliases.py, left to the core rewrite) fixes it, and this "
-           "mark must then go")
-
 
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("name", [
-    "coap", "vlorp", pytest.param("flora", marks=FLORA_WIRING)])
+    "coap", "vlorp", "flora"])
 def test_updates_are_finite_wherever_adamw_is(name, scale):
   assert _updates_finite(optax.adamw(1e-3), scale)  # the reference point
   assert _updates_finite(METHODS[name](), scale), (name, scale)
