@@ -76,13 +76,25 @@ def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs
   return init
 
 
+def _typed_like(tree, like):
+  """`tree` with each leaf resharded like the leaf of `like` where, under an Explicit
+  mesh, their shardings differ (the branches of a `lax.cond` must have equal types)."""
+  if not shd.is_explicit(jax.sharding.get_abstract_mesh()):
+    return tree
+  def one(x, y):
+    spec = jax.typeof(y).sharding.spec
+    return x if jax.typeof(x).sharding.spec == spec else jax.sharding.reshard(x, spec)
+  return jax.tree.map(one, tree, like)
+
+
 def _guarded(guard, state, loss, norm, apply):
   """`apply()` → (params, opt_state), run only when `guard` passes the step (else the
   state's own), the new health, and the guard's metrics."""
   if guard is None:
     return (*apply(), None, {})
   ok, health, metrics = guard(state["health"], loss, norm)
-  params, opt_state = jax.lax.cond(ok, apply, lambda: (state["params"], state["opt_state"]))
+  old = (state["params"], state["opt_state"])
+  params, opt_state = jax.lax.cond(ok, lambda: _typed_like(apply(), old), lambda: old)
   return params, opt_state, health, metrics
 
 
