@@ -762,10 +762,8 @@ apollo_mini.__doc__ = """APOLLO-Mini: rank-1 random projection with tensor-wise 
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax.numpy as jnp, optax_lowrank
-    >>> params = {"w": jnp.ones((64, 32))}
-    >>> tx = optax_lowrank.apollo_mini(1e-2)
-    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> import optax_lowrank
+    >>> tx = optax_lowrank.apollo_mini(1e-2, projection_mask=lambda p: {"w": True})
 
   References:
     Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
@@ -826,10 +824,8 @@ def fira(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax.numpy as jnp, optax_lowrank
-    >>> params = {"w": jnp.ones((64, 32))}
-    >>> tx = optax_lowrank.fira(1e-2, rank=8)
-    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> import optax_lowrank
+    >>> tx = optax_lowrank.fira(1e-2, rank=128)
 
   References:
     Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
@@ -928,10 +924,8 @@ def frugal(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax.numpy as jnp, optax_lowrank
-    >>> params = {"w": jnp.ones((64, 32))}
+    >>> import optax_lowrank
     >>> tx = optax_lowrank.frugal(1e-3, 0.25, subspace="columns")
-    >>> updates, state = tx.update(params, tx.init(params), params)
 
   References:
     Zmushko et al., `FRUGAL: Memory-Efficient Optimization by Reducing State
@@ -1033,10 +1027,8 @@ def flora(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax.numpy as jnp, optax_lowrank
-    >>> params = {"w": jnp.ones((256, 128))}
-    >>> tx = optax_lowrank.flora(1e-3, rank=8, kappa=1000)
-    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> import optax_lowrank
+    >>> tx = optax_lowrank.flora(1e-3, rank=128, kappa=1000)
 
   References:
     Hao et al., `Flora: Low-Rank Adapters Are Secretly Gradient Compressors

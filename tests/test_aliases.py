@@ -490,3 +490,23 @@ def test_osd_takes_a_schedule_without_its_peak_with_a_warning():
   """optax's harness passes a schedule alone; the basis step then does not follow it."""
   with pytest.warns(UserWarning, match="peak_learning_rate"):
     ol.osd(optax.constant_schedule(1e-3), rank=4)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_KWARGS))
+def test_state_dtype_int8_quantizes_the_inner_moments(name):
+  """``state_dtype="int8"``, a shared option, stores the inner optimizer's large
+  moments block-wise quantized in every alias (traced only)."""
+  params = {"w": jax.ShapeDtypeStruct((256, 128), jnp.float32),
+            "e": jax.ShapeDtypeStruct((64, 128), jnp.float32)}
+  quantized = lambda s: [x for x in jax.tree.leaves(
+      s, is_leaf=lambda x: isinstance(x, ol.quantize.QuantizedArray))
+                         if isinstance(x, ol.quantize.QuantizedArray)]
+  nbytes = lambda s: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s))
+  states = {}
+  for dtype in (None, "int8"):
+    kw = dict(SMALL_KWARGS[name], projection_mask={"w": True, "e": False},
+              state_dtype=dtype)
+    states[dtype] = jax.eval_shape(ol.optimizers[name](1e-3, **kw).init, params)
+  assert quantized(states["int8"]) and nbytes(states["int8"]) < nbytes(states[None])
+  if name not in ("q_galore", "galore_8bit"):  # int8 by default
+    assert not quantized(states[None]), name
