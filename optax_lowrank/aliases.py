@@ -86,7 +86,7 @@ _INF = float("inf")
 
 
 def _is_array(value) -> bool:
-  """An array (possibly traced): injected by ``inject_hyperparams``, unchecked."""
+  """An array (possibly traced, from ``inject_hyperparams``): not checked."""
   return isinstance(value, (jax.Array, np.ndarray))
 
 
@@ -468,7 +468,7 @@ def _alias(*, static: tuple[str, ...], on_refresh: Optional[str] = None,
 
 
 def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
-  """The arguments of an alias that ``optax.inject_hyperparams`` must leave static.
+  """The arguments of an alias that ``inject_hyperparams`` must leave static.
 
   Those that fix shapes or schedules (``rank``, ``update_proj_gap``, ...),
   choices given by name, and the shared options (masks and dimension numbers
@@ -485,7 +485,7 @@ def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
     >>> import jax, jax.numpy as jnp, optax, optax_lowrank
     >>> tx = optax.inject_hyperparams(
     ...     optax_lowrank.galore,
-    ...     static_args=optax_lowrank.aliases.static_args(optax_lowrank.galore))(
+    ...     optax_lowrank.aliases.static_args(optax_lowrank.galore))(
     ...     learning_rate=1e-2, rank=4, mask=lambda p: {"w": True, "b": False})
     >>> params = {"w": jnp.ones((32, 16)), "b": jnp.zeros(16)}
     >>> state = tx.init(params)
@@ -512,8 +512,9 @@ def _side(proj_type: Optional[str]) -> str:
   return "std" if proj_type is None else proj_type
 
 
-def _projector(value, proj_type, builders: dict[str, Callable[[str], Projector]],
-               *, arg: str = "projector") -> Projector:
+def _projector(value, proj_type,
+               builders: dict[str, Callable[[str], Projector]], *,
+               arg: str = "projector") -> Projector:
   """``value`` by name (``builders[value](side)``) or as a ``Projector``."""
   if isinstance(value, Projector):
     if proj_type is not None:
@@ -623,7 +624,8 @@ def galore(
     >>> import jax, jax.numpy as jnp, optax_lowrank
     >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
     >>> tx = optax_lowrank.galore(1e-2, rank=8, update_proj_gap=50,
-    ...                           weight_decay=0.1, mask={"w": True, "b": False})
+    ...                           weight_decay=0.1,
+    ...                           mask={"w": True, "b": False})
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state, params)
@@ -742,7 +744,7 @@ def apollo(
 apollo_mini = functools.partial(apollo, rank=1, scale_type="tensor",
                                 scale=128.0)
 apollo_mini.__name__ = "apollo_mini"
-apollo_mini.__doc__ = """APOLLO-Mini: rank-1 random projection with tensor-wise scaling.
+apollo_mini.__doc__ = """APOLLO-Mini: rank-1 projection, tensor-wise scaling.
 
   ``functools.partial(apollo, rank=1, scale_type="tensor", scale=128.0)``:
   ``apollo`` with the paper's APOLLO-Mini settings as defaults (its runs from
@@ -763,7 +765,7 @@ apollo_mini.__doc__ = """APOLLO-Mini: rank-1 random projection with tensor-wise 
 
   Example:
     >>> import optax_lowrank
-    >>> tx = optax_lowrank.apollo_mini(1e-2, projection_mask=lambda p: {"w": True})
+    >>> tx = optax_lowrank.apollo_mini(1e-2, projection_mask={"w": True})
 
   References:
     Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
@@ -985,13 +987,15 @@ def flora(
 
   As the authors' optax code, per step: Adafactor's factored second moment of
   the raw gradient normalizes it (``U = G / √V̂``, ``optax.scale_by_factored_rms``
-  with decay ``1 − (t+1)^(−b2)``); the momentum of ``U`` is kept compressed,
-  ``M ← b1·M + (1 − b1)·down(U)`` in a random subspace (entries
-  ``N(0, 1/r)``, the smaller side of each matrix, redrawn every ``kappa``
-  steps from a key, never stored); the output ``b1·up(M) + (1 − b1)·U`` is
-  clipped to RMS ``clipping_threshold`` per matrix, multiplied by the
-  learning rate and by ``max(rms(W), 1e-3)``, then weight decay ``wd·W`` is
-  added (not multiplied by the learning rate) and the sign flipped. Only
+  with decay ``1 − (t+1)^(−b2)``, as ``inner.scale_by_factored_rms`` computes:
+  the same numbers, finite where the squares overflow); the momentum of ``U``
+  is kept compressed, ``M ← b1·M + (1 − b1)·down(U)`` in a random subspace
+  (entries ``N(0, 1/r)``, the smaller side of each matrix, redrawn every
+  ``kappa`` steps from a key, never stored); the output
+  ``b1·up(M) + (1 − b1)·U`` is clipped to RMS ``clipping_threshold`` per
+  matrix, multiplied by the learning rate and by ``max(rms(W), 1e-3)``, then
+  weight decay ``wd·W`` is added (not multiplied by the learning rate) and the
+  sign flipped. Only
   matrices with ``min(m, n) >= min_dim_size_to_factor`` and
   ``max(m, n) <= 4·min(m, n)`` are compressed; the others keep a full
   momentum.
@@ -1446,7 +1450,7 @@ def adarankgrad(
 
 galore_8bit = functools.partial(galore, state_dtype="int8")
 galore_8bit.__name__ = "galore_8bit"
-galore_8bit.__doc__ = """8-bit GaLore: ``galore`` with Adam's moments stored in int8 blocks of 256.
+galore_8bit.__doc__ = """8-bit GaLore: ``galore`` with int8 Adam moments.
 
   ``functools.partial(galore, state_dtype="int8")``: the moments are
   quantized with a signed square-root map per block of 256
