@@ -304,6 +304,9 @@ def test_sigint_checkpoints_and_stops(trained, tmp_path, capsys, monkeypatch):
     return sample(tokens, seed, step, *args)
 
   monkeypatch.setattr(data, "sample_batch", interrupt_at_step_2)
+  # Whatever this process started with (Python's default handler, or SIG_IGN when the
+  # suite runs in the background): the run must put it back.
+  previous = signal.getsignal(signal.SIGINT)
   try:
     result = _run(tmp_path / "out", tmp_path / "ckpt")
   except KeyboardInterrupt:
@@ -312,7 +315,7 @@ def test_sigint_checkpoints_and_stops(trained, tmp_path, capsys, monkeypatch):
   assert "SIGINT: checkpointing and stopping at step 3" in capsys.readouterr().out
   saved = Checkpointer(tmp_path / "ckpt")
   assert saved.steps() == [2, 3] and saved.verify(3) is None and saved.checksummed(3)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_a_second_sigint_exits_at_once():
