@@ -165,7 +165,9 @@ def test_watch_stops_after_the_limit_and_warns_once_on_a_collapse():
   bad = {"loss": float("nan"), "grad_norm": float("nan"), "skipped": 1.0, "nonfinite": 1.0}
   assert watch.observe(11, finite) == [] and watch.healthy
   lines = watch.observe(12, bad) + watch.observe(13, bad)
-  assert len(lines) == 1 and lines[0].startswith("step 12: non-finite loss nan")
+  assert len(lines) == 1, lines
+  assert lines[0] == ("step 12: non-finite loss or gradient (loss nan, gradient norm nan); "
+                      "update skipped")
   assert not watch.healthy and not watch.diverged
   assert watch.observe(14, finite) == [] and watch.healthy  # a finite step ends the streak
   for step in (15, 16, 17):
