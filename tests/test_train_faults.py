@@ -159,6 +159,29 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_as_they_were():
   assert int(after["health"]["seen"]) == int(before["health"]["seen"])
 
 
+def test_watch_stops_after_the_limit_and_warns_once_on_a_collapse():
+  watch = faults.Watch(limit=3, start=10, vocab_size=260)
+  finite = {"loss": 2.0, "grad_norm": 1.0, "skipped": 0.0, "nonfinite": 0.0}
+  bad = {"loss": float("nan"), "grad_norm": float("nan"), "skipped": 1.0, "nonfinite": 1.0}
+  assert watch.observe(11, finite) == [] and watch.healthy
+  lines = watch.observe(12, bad) + watch.observe(13, bad)
+  assert len(lines) == 1, lines
+  assert lines[0] == ("step 12: non-finite loss or gradient (loss nan, gradient norm nan); "
+                      "update skipped")
+  assert not watch.healthy and not watch.diverged
+  assert watch.observe(14, finite) == [] and watch.healthy  # a finite step ends the streak
+  for step in (15, 16, 17):
+    watch.observe(step, bad)
+  assert watch.diverged and watch.first_bad == 15 and watch.last_finite == 14
+  spike = {**finite, "skipped": 1.0}
+  assert "is a spike" in faults.Watch(3, 0, 260).observe(1, spike)[0]
+  collapse = faults.Watch(limit=3, start=0, vocab_size=260)
+  zero = {**finite, "loss": math.log(260), "grad_norm": 0.0}
+  lines = [line for step in range(1, 8) for line in collapse.observe(step, zero)]
+  assert len(lines) == 1 and lines[0].startswith("warning: step 3: the gradient norm has")
+  assert "ln 260 = 5.5607" in lines[0]
+
+
 # divergence
 
 

@@ -129,8 +129,9 @@ class Watch:
     if metrics.get("nonfinite", 0.0):
       if self.streak == 0:
         self.first_bad = step
-        lines.append(f"step {step}: non-finite loss {metrics['loss']} or gradient norm; "
-                     "update skipped")
+        norm = metrics.get("grad_norm", metrics.get("micro_grad_norm"))
+        lines.append(f"step {step}: non-finite loss or gradient (loss {metrics['loss']:.4g}, "
+                     f"gradient norm {norm:.4g}); update skipped")
       self.streak += 1
       return lines
     self.streak, self.first_bad, self.last_finite = 0, None, step
