@@ -14,6 +14,7 @@ import pytest
 
 from optax_lowrank import quantize as qlib
 from train import pretrain, weight_quant
+from tests.compile_cache import compilation_cache
 
 BLOCK = weight_quant.BLOCK_SIZE
 
@@ -79,22 +80,11 @@ def runs(tmp_path_factory):
   """The float run and the int8 run (6 steps each; the int8 one checkpointed at steps 3
   and 6), with a compilation cache that the resumed run below reuses."""
   root = tmp_path_factory.mktemp("runs")
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = {name: getattr(jax.config, name) for name in names}
-  for name, value in zip(names, (str(root / "xla_cache"), 0.0, 0)):
-    jax.config.update(name, value)
-  float_run = _train(root / "float")
-  int8_run = _train(root / "int8", "--weight-quant", "int8", "--ckpt-dir", str(root / "ckpt"),
-                    "--ckpt-every", "3")
-  yield root, float_run, int8_run
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  try:  # forget the cache object bound to this directory
-    from jax._src import compilation_cache as cc
-    cc.reset_cache()
-  except (ImportError, AttributeError):
-    pass
+  with compilation_cache(root / "xla_cache"):
+    float_run = _train(root / "float")
+    int8_run = _train(root / "int8", "--weight-quant", "int8", "--ckpt-dir",
+                      str(root / "ckpt"), "--ckpt-every", "3")
+    yield root, float_run, int8_run
 
 
 def test_int8_run_stores_codes_trains_and_stays_close_to_float(runs):

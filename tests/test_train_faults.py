@@ -22,6 +22,7 @@ import pytest
 from models.config import LlamaConfig
 from train import data, faults, pretrain, steps, validate
 from train.checkpoint import MANIFEST, Checkpointer
+from tests.compile_cache import compilation_cache
 
 BASE = ["--model", "tiny", "--seq-len", "32", "--batch-size", "8", "--steps", "8",
         "--eval-every", "4", "--eval-batches", "1", "--corpus-bytes", "100000",
@@ -39,21 +40,10 @@ def trained(tmp_path_factory):
   """A run stopped at step 6 (checkpoints 2, 4 and 6, metrics of steps 1-6), with the
   compilation cache its programs are in."""
   root = tmp_path_factory.mktemp("trained")
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = {name: getattr(jax.config, name) for name in names}
-  for name, value in zip(names, (str(root / "xla_cache"), 0.0, 0)):
-    jax.config.update(name, value)
-  result = _run(root / "out", root / "ckpt", "--stop-at", "6")
-  assert result == {"step": 6, "interrupted": True}
-  yield root
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  try:  # forget the cache object bound to this directory
-    from jax._src import compilation_cache as cc
-    cc.reset_cache()
-  except (ImportError, AttributeError):
-    pass
+  with compilation_cache(root / "xla_cache"):
+    result = _run(root / "out", root / "ckpt", "--stop-at", "6")
+    assert result == {"step": 6, "interrupted": True}
+    yield root
 
 
 def _copy(trained, tmp_path):
