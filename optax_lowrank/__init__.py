@@ -9,6 +9,7 @@ from optax_lowrank import memory
 from optax_lowrank import moments
 from optax_lowrank import projectors
 from optax_lowrank import quantize
+from optax_lowrank import sampling
 from optax_lowrank import schedules
 from optax_lowrank.accumulation import MultiSteps
 from optax_lowrank.aliases import (
@@ -71,6 +72,7 @@ __all__ = [
     "projectors",
     "q_galore",
     "quantize",
+    "sampling",
     "schedules",
     "vlorp",
 ]
