@@ -13,6 +13,7 @@ BYTE_VOCAB_SIZE = 256 + len(BYTE_SPECIALS)
 
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "llama3")
 
 # name -> (d_model, d_ff, num_heads, num_layers); vocab 32000 and context 256 as in the
 # GaLore paper (Zhao et al., 2024, Table 9).
@@ -38,6 +39,17 @@ class LlamaConfig:
   max_seq_len: int = 256
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
+  head_dim_override: int | None = None  # per-head width when not d_model // num_heads
+  tie_embeddings: bool = False  # the LM head is the input embedding, transposed
+  # RoPE frequencies: `default`, or `llama3` (LLaMA-3.1/3.2): wavelengths longer than
+  # rope_original_max_len / rope_low_freq_factor are stretched by rope_factor, those
+  # shorter than rope_original_max_len / rope_high_freq_factor are kept, and those in
+  # between interpolated. The four rope_* fields below are read only by `llama3`.
+  rope_type: str = "default"
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   init_std: float = 0.02
   dtype: str = "float32"        # activations and matmul inputs
   param_dtype: str = "float32"  # stored weights
@@ -49,7 +61,10 @@ class LlamaConfig:
                  "num_layers", "max_seq_len"):
       if getattr(self, name) <= 0:
         raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
-    if self.d_model % self.num_heads:
+    if self.head_dim_override is not None and self.head_dim_override <= 0:
+      raise ValueError(f"`head_dim_override` must be positive or None, got "
+                       f"{self.head_dim_override}")
+    if self.head_dim_override is None and self.d_model % self.num_heads:
       raise ValueError(f"`d_model` ({self.d_model}) must be divisible by `num_heads` "
                        f"({self.num_heads})")
     if self.num_heads % self.num_kv_heads:
@@ -57,6 +72,15 @@ class LlamaConfig:
                        f"`num_kv_heads` ({self.num_kv_heads})")
     if self.head_dim % 2:
       raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"`rope_type` must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+    if self.rope_type == "llama3" and not (
+        self.rope_factor > 0 and self.rope_original_max_len > 0
+        and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      raise ValueError("`rope_type='llama3'` needs rope_factor > 0, rope_original_max_len > 0 "
+                       "and 0 < rope_low_freq_factor < rope_high_freq_factor, got "
+                       f"{self.rope_factor}, {self.rope_original_max_len}, "
+                       f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"`remat` must be one of {REMAT_POLICIES}, got {self.remat!r}")
     for name in ("dtype", "param_dtype"):
@@ -65,6 +89,8 @@ class LlamaConfig:
 
   @property
   def head_dim(self) -> int:
+    if self.head_dim_override is not None:
+      return self.head_dim_override
     return self.d_model // self.num_heads
 
   @property

@@ -10,6 +10,7 @@ blocks can be applied with `lax.scan`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 
 import jax
 import jax.numpy as jnp
@@ -63,22 +64,47 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+def rope_frequencies(cfg: LlamaConfig) -> jax.Array:
+  """The RoPE angular frequencies θ_i, i < head_dim/2, in float32 (`cfg.rope_type`).
+
+  `default`: θ_i = rope_theta^(-2i/H). `llama3` (LLaMA-3.1/3.2, as Hugging Face's
+  `_compute_llama3_parameters`): with wavelength λ_i = 2π/θ_i and L the original context
+  `rope_original_max_len`, frequencies with λ_i > L/low_freq_factor are divided by
+  `rope_factor`, those with λ_i < L/high_freq_factor kept, and in between
+  θ_i·((1 − s)/factor + s) with s = (L/λ_i − low_freq_factor)/(high − low_freq_factor).
+  """
+  h = cfg.head_dim
+  freq = cfg.rope_theta ** (-jnp.arange(h // 2, dtype=jnp.float32) * 2.0 / h)
+  if cfg.rope_type == "default":
+    return freq
+  factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_len
+  wavelen = 2 * math.pi / freq
+  smooth = (old_len / wavelen - low) / (high - low)
+  medium = (1 - smooth) * freq / factor + smooth * freq
+  return jnp.where(wavelen > old_len / low, freq / factor,
+                   jnp.where(wavelen < old_len / high, freq, medium))
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0, *,
+         freq: jax.Array | None = None) -> jax.Array:
   """Rotary position embedding (Su et al., 2021), LLaMA "rotate-half" layout.
 
   With half = H/2, the pair (x[i], x[i + half]) at position p is rotated by the angle
-  p·θ_i where θ_i = theta^(-2i/H).
+  p·θ_i where θ_i = theta^(-2i/H), or θ_i = freq[i] when `freq` is given.
 
   Args:
     x: (B, T, ..., H) queries or keys, e.g. (B, T, N, H) or grouped (B, T, K, G, H).
     positions: (T,) integer positions.
     theta: the base of the frequencies.
+    freq: (H/2,) frequencies (e.g. `rope_frequencies(cfg)`), replacing `theta`'s.
 
   Returns:
     The rotated array, same shape and dtype as `x`.
   """
   half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  if freq is None:
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
   angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # (T, half)
   angle = angle.reshape(angle.shape[0], *([1] * (x.ndim - 3)), half)  # (T, 1.., half)
   sin, cos = jnp.sin(angle), jnp.cos(angle)
@@ -105,7 +131,7 @@ class Attention(nnx.Module):
     self.v = Dense(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), **kw)
     self.o = Dense(cfg.num_heads * h, d, ("heads", "embed"), **kw)
     self.num_kv_heads, self.num_groups, self.head_dim = cfg.num_kv_heads, cfg.num_groups, h
-    self.rope_theta = cfg.rope_theta
+    self.cfg = cfg  # static; `rope_frequencies` reads it when the module is applied
     self.dtype = cfg.jnp_dtype
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -116,8 +142,9 @@ class Attention(nnx.Module):
     q = _reshape(q, (b, t, k_, g, h), (BATCH, LENGTH, "activation_kv_heads", None, None))
     k = _reshape(self.k(x, (BATCH, LENGTH, "activation_kv_heads")), (b, t, k_, h), kv_names)
     v = _reshape(self.v(x, (BATCH, LENGTH, "activation_kv_heads")), (b, t, k_, h), kv_names)
-    q = rope(q, positions, self.rope_theta)
-    k = rope(k, positions, self.rope_theta)
+    freq = rope_frequencies(self.cfg)
+    q = rope(q, positions, freq=freq)
+    k = rope(k, positions, freq=freq)
     q = q * jnp.asarray(h ** -0.5, q.dtype)
     logits_names = (BATCH, "activation_kv_heads", None, None, None)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32,

@@ -1,10 +1,11 @@
 """The LLaMA decoder (Touvron et al., 2023) in Flax NNX.
 
-Untied input embedding and LM head; pre-norm blocks of grouped-query attention with RoPE
-and a SwiGLU MLP; activation `dtype` separate from `param_dtype`. With
-`cfg.scan_layers` the blocks are one `Block` whose weights carry a leading `layers` axis,
-applied with plain `jax.lax.scan` over its split state; with `cfg.remat` each block is
-wrapped in `jax.checkpoint` with the chosen policy.
+Untied input embedding and LM head (with `cfg.tie_embeddings` the logits are the final
+hidden states times the transposed embedding table, as in LLaMA-3.2); pre-norm blocks of
+grouped-query attention with RoPE and a SwiGLU MLP; activation `dtype` separate from
+`param_dtype`. With `cfg.scan_layers` the blocks are one `Block` whose weights carry a
+leading `layers` axis, applied with plain `jax.lax.scan` over its split state; with
+`cfg.remat` each block is wrapped in `jax.checkpoint` with the chosen policy.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class Llama(nnx.Module):
     else:
       self.layers = _List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
-    self.lm_head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg=cfg,
-                         rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg=cfg,
+                           rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     cfg = self.cfg
@@ -52,7 +54,10 @@ class Llama(nnx.Module):
     positions = jnp.arange(t, dtype=jnp.int32)
     x = self._apply_blocks(x, positions)
     x = self.final_norm(x)
-    return self.lm_head(x, (BATCH, LENGTH, "activation_vocab"))
+    if not cfg.tie_embeddings:
+      return self.lm_head(x, (BATCH, LENGTH, "activation_vocab"))
+    out_spec = activation_spec((b, t, cfg.vocab_size), BATCH, LENGTH, "activation_vocab")
+    return jnp.einsum("BTD,VD->BTV", x.astype(cfg.jnp_dtype), table, out_sharding=out_spec)
 
   def _apply_blocks(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     cfg = self.cfg
