@@ -1803,7 +1803,7 @@ def gradnorm_lorp(
     >>> tx = optax_lowrank.gradnorm_lorp(1e-2, rank=8, update_proj_gap=50)
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
-    >>> updates, state = tx.update(grads, state, params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
 
   References:

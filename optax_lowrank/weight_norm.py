@@ -171,7 +171,7 @@ def weight_norm_project(
     ...     optax.scale_by_adam(), 1e-2, rank=4)
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
-    >>> updates, state = tx.update(grads, state, params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
 
   References:

@@ -101,7 +101,6 @@ def test_weights_match_the_authors_rule_and_not_galore_on_w():
     want.append({k: [r.update(x) for r, x in zip(rs, _matrices(g, k))]
                  for k, rs in refs.items()})
   errors = _errors([{k: _matrices(p, k) for k in refs} for p in got], want, params)
-  print(errors.max())
   assert errors.max() <= 1e-4, errors.reshape(STEPS, -1)
   # The magnitude in the state is the authors' g (per output row of W).
   for k, rs in refs.items():
@@ -131,27 +130,27 @@ def test_exact_gradient_is_jax_grad_of_the_reparameterisation():
   before = jax.config.jax_enable_x64
   jax.config.update("jax_enable_x64", True)
   try:
-    for shape, axes in (((3, 12, 7), (1,)),):
-      keys = jax.random.split(jax.random.key(3), 4)
-      v = jax.random.normal(keys[0], shape, jnp.float64)
-      g = jax.random.normal(keys[1], v.sum(axis=axes, keepdims=True).shape, jnp.float64)
-      a = jax.random.normal(keys[2], shape, jnp.float64)
+    shape, axes = (3, 12, 7), (1,)
+    keys = jax.random.split(jax.random.key(3), 3)
+    v = jax.random.normal(keys[0], shape, jnp.float64)
+    g = jax.random.normal(keys[1], (3, 1, 7), jnp.float64)
+    a = jax.random.normal(keys[2], shape, jnp.float64)
 
-      @jax.jit
-      def check(v, g, a, axes=axes):
-        f = lambda w: jnp.sum(a * w) + jnp.sum(jnp.sin(w) ** 2)
-        weight = lambda v, g: g * v / jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
-        want = jax.grad(lambda v, g: f(weight(v, g)), argnums=(0, 1))(v, g)
-        big_g = jax.grad(f)(weight(v, g))
-        exact = weight_norm_gradients(big_g, v, g, axes, exact=True)
-        approx, _ = weight_norm_gradients(big_g, v, g, axes)
-        return want, exact, approx
+    @jax.jit
+    def check(v, g, a):
+      f = lambda w: jnp.sum(a * w) + jnp.sum(jnp.sin(w) ** 2)
+      weight = lambda v, g: g * v / jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
+      want = jax.grad(lambda v, g: f(weight(v, g)), argnums=(0, 1))(v, g)
+      big_g = jax.grad(f)(weight(v, g))
+      exact = weight_norm_gradients(big_g, v, g, axes, exact=True)
+      approx, _ = weight_norm_gradients(big_g, v, g, axes)
+      return want, exact, approx
 
-      (want_v, want_g), (dv, dg), approx = check(v, g, a)
-      assert dv.dtype == jnp.float64
-      np.testing.assert_allclose(dv, want_v, rtol=1e-12, atol=1e-12)
-      np.testing.assert_allclose(dg, want_g, rtol=1e-12, atol=1e-12)
-      assert np.linalg.norm(approx - want_v) > 0.1 * np.linalg.norm(want_v)
+    (want_v, want_g), (dv, dg), approx = check(v, g, a)
+    assert dv.dtype == jnp.float64
+    np.testing.assert_allclose(dv, want_v, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dg, want_g, rtol=1e-12, atol=1e-12)
+    assert np.linalg.norm(approx - want_v) > 0.1 * np.linalg.norm(want_v)
   finally:
     jax.config.update("jax_enable_x64", before)
 
@@ -180,16 +179,16 @@ def test_exact_gradient_and_kept_magnitude_match_the_reference():
 
 
 def test_int8_state_stays_close_to_float32():
-  """``state_dtype="int8"``: GaLore's moments of ``∂v`` (8·512 elements, quantized) per
-  block of 256; after 10 steps the weights are within 5% of the float32 run's distance
-  moved (measured: ~1%)."""
+  """``state_dtype="int8"``: GaLore's moments of ``∂v`` (16·256 elements, quantized) per
+  block of 256; after 6 steps the weights are within 5% of the float32 run's distance
+  moved (measured: 0.7%)."""
   key = jax.random.split(jax.random.key(7), 2)
-  params = {"w": _random(key[0], (64, 512), 1.0)}
-  grads = [{"w": _random(jax.random.fold_in(key[1], t), (64, 512), 3.0)}
-           for t in range(10)]
+  params = {"w": _random(key[0], (64, 256), 1.0)}
+  grads = [{"w": _random(jax.random.fold_in(key[1], t), (64, 256), 3.0)}
+           for t in range(6)]
   runs = {}
   for dtype in (None, "int8"):
-    tx = ol.gradnorm_lorp(LR, rank=8, update_proj_gap=4, state_dtype=dtype)
+    tx = ol.gradnorm_lorp(LR, rank=16, update_proj_gap=4, state_dtype=dtype)
     update = jax.jit(tx.update)
     state, p = tx.init(params), params
     for g in grads:
