@@ -103,6 +103,45 @@ def weight_norm_gradients(grad: jax.Array, direction: jax.Array,
   return grad * (magnitude / vn), grad_g
 
 
+class _Split(NamedTuple):
+  """One leaf at the start of a step: ``v``, ``g`` and their gradients
+  (the weight and the gradient themselves at leaves not weight-normalized)."""
+
+  v: Any
+  g: Any
+  grad_v: Any
+  grad_g: Any
+
+
+def _split_leaf(plan: shapes.LeafPlan, grad, w, g0, vn0, first, *,
+                exact: bool, reset_magnitude: bool) -> _Split:
+  """``v = (‖v‖/g)·W`` and ``g`` from the weight and the stored norms (from
+  ``W`` alone at step 0), and their gradients; float32, sharded as stored."""
+  axes = plan.layout.reduction_axes
+  w32 = w.astype(jnp.float32)
+  wn = _norm(w32, axes)
+  g0 = jnp.where(first, wn, g0)
+  vn0 = jnp.where(first, wn, vn0)
+  v = w32 * (vn0 / _safe(g0))
+  g = shapes.reshard_like(vn0 if reset_magnitude else g0, g0)
+  grad_v, grad_g = weight_norm_gradients(
+      grad.astype(jnp.float32), v, g, axes, exact=exact)
+  return _Split(v, g, shapes.reshard_like(grad_v.astype(grad.dtype), grad),
+                shapes.reshard_like(grad_g, g0))
+
+
+def _rebuild_leaf(plan: shapes.LeafPlan, w, x: _Split, u, a, lr, wd):
+  """``(g'·v'/‖v'‖ − W, g', ‖v'‖)`` after the steps ``u`` of ``v`` and ``a``
+  of ``g``, and the decay of both by ``1 − lr·wd`` (the authors' order)."""
+  shrink = 1.0 - lr * wd
+  v = (x.v - lr * u.astype(jnp.float32)) * shrink
+  g = (x.g - lr * a) * shrink
+  vn = _norm(v, plan.layout.reduction_axes)
+  new = g * v / _safe(vn)
+  update = (new - w.astype(jnp.float32)).astype(w.dtype)
+  return shapes.reshard_like(update, w), g, vn
+
+
 def weight_norm_project(
     direction: optax.GradientTransformation,
     magnitude: optax.GradientTransformation,
@@ -227,50 +266,33 @@ def weight_norm_project(
 
     # Step 1: the direction and magnitude of each weight-normalized leaf from
     # its weight, and their gradients.
-    vs, gs, grad_vs, grad_gs = [], [], [], []
-    for p, gr, w, g0, vn0 in zip(plans, grads, weights, old_g, old_vn):
-      if p is None:
-        vs.append(w), gs.append(optax.MaskedNode())
-        grad_vs.append(gr), grad_gs.append(optax.MaskedNode())
-        continue
-      axes = p.layout.reduction_axes
-      w32 = w.astype(jnp.float32)
-      wn = _norm(w32, axes)
-      g0 = jnp.where(first, wn, g0)
-      vn0 = jnp.where(first, wn, vn0)
-      v = w32 * (vn0 / _safe(g0))
-      g = shapes.reshard_like(vn0 if reset_magnitude else g0, g0)
-      grad_v, grad_g = weight_norm_gradients(
-          gr.astype(jnp.float32), v, g, axes, exact=exact_gradient)
-      vs.append(v), gs.append(g)
-      grad_vs.append(shapes.reshard_like(grad_v.astype(gr.dtype), gr))
-      grad_gs.append(shapes.reshard_like(grad_g, g0))
+    split = [
+        _Split(w, optax.MaskedNode(), gr, optax.MaskedNode()) if p is None
+        else _split_leaf(p, gr, w, g0, vn0, first, exact=exact_gradient,
+                         reset_magnitude=reset_magnitude)
+        for p, gr, w, g0, vn0 in zip(plans, grads, weights, old_g, old_vn)]
 
     # Step 2: the two optimizers.
     u_tree, direction_state = direction.update(
-        treedef.unflatten(grad_vs), state.direction_state,
-        treedef.unflatten(vs), **extra_args)
+        treedef.unflatten([x.grad_v for x in split]), state.direction_state,
+        treedef.unflatten([x.v for x in split]), **extra_args)
     a_tree, magnitude_state = magnitude.update(
-        treedef.unflatten(grad_gs), state.magnitude_state,
-        treedef.unflatten(gs))
+        treedef.unflatten([x.grad_g for x in split]), state.magnitude_state,
+        treedef.unflatten([x.g for x in split]))
 
-    # Step 3: step v and g, rebuild the weights; plain steps elsewhere.
+    # Step 3: step v and g and rebuild the weights; plain steps elsewhere.
     out, new_g, new_vn = [], [], []
-    for p, w, v, g, u, a, decay, like in zip(
-        plans, weights, vs, gs, treedef.flatten_up_to(u_tree),
+    for p, w, x, u, a, decay, like in zip(
+        plans, weights, split, treedef.flatten_up_to(u_tree),
         treedef.flatten_up_to(a_tree), decays, old_g):
       wd = weight_decay if decay else 0.0
       if p is None:
         out.append((-lr * (u + wd * w)).astype(w.dtype))
-        new_g.append(optax.MaskedNode()), new_vn.append(optax.MaskedNode())
+        new_g.append(optax.MaskedNode())
+        new_vn.append(optax.MaskedNode())
         continue
-      shrink = 1.0 - lr * wd
-      v = (v - lr * u.astype(jnp.float32)) * shrink
-      g = (g - lr * a) * shrink
-      vn = _norm(v, p.layout.reduction_axes)
-      new = g * v / _safe(vn)
-      out.append(shapes.reshard_like(
-          (new - w.astype(jnp.float32)).astype(w.dtype), w))
+      update, g, vn = _rebuild_leaf(p, w, x, u, a, lr, wd)
+      out.append(update)
       new_g.append(shapes.reshard_like(g, like))
       new_vn.append(shapes.reshard_like(vn, like))
 
