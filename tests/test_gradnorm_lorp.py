@@ -178,30 +178,28 @@ def test_exact_gradient_and_kept_magnitude_match_the_reference():
   assert np.linalg.norm(other - want) > 0.05 * np.linalg.norm(want - w0)
 
 
-def test_int8_state_stays_close_to_float32():
-  """``state_dtype="int8"``: GaLore's moments of ``∂v`` (16·256 elements, quantized) per
-  block of 256; after 6 steps the weights are within 5% of the float32 run's distance
-  moved (measured: 0.7%)."""
+def test_int8_state_stays_close_to_the_float_rule():
+  """``state_dtype="int8"``: GaLore's moments of ``∂v`` (16·256 elements each, quantized
+  per block of 256); after 6 steps the weights are within 5% of the distance moved from
+  the float64 reference's (measured: 0.7%; the float32 state is within 1e-4 above)."""
   key = jax.random.split(jax.random.key(7), 2)
   params = {"w": _random(key[0], (64, 256), 1.0)}
-  grads = [{"w": _random(jax.random.fold_in(key[1], t), (64, 256), 3.0)}
-           for t in range(6)]
-  runs = {}
-  for dtype in (None, "int8"):
-    tx = ol.gradnorm_lorp(LR, rank=16, update_proj_gap=4, state_dtype=dtype)
-    update = jax.jit(tx.update)
-    state, p = tx.init(params), params
-    for g in grads:
-      u, state = update(g, state, p)
-      p = optax.apply_updates(p, u)
-    runs[dtype] = (np.asarray(p["w"]), state)
+  tx = ol.gradnorm_lorp(LR, rank=16, update_proj_gap=4, state_dtype="int8")
+  update = jax.jit(tx.update)
+  state, p = tx.init(params), params
+  (w0,) = _matrices(params, "w")
+  ref = RefGradNormLoRP(w0, 16, gap=4, lr=LR, scale=SCALE)
+  for t in range(6):
+    g = {"w": _random(jax.random.fold_in(key[1], t), (64, 256), 3.0)}
+    u, state = update(g, state, p)
+    p = optax.apply_updates(p, u)
+    want = ref.update(_matrices(g, "w")[0])
   quantized = [x for x in jax.tree.leaves(
-      runs["int8"][1], is_leaf=lambda x: isinstance(x, ol.quantize.QuantizedArray))
+      state, is_leaf=lambda x: isinstance(x, ol.quantize.QuantizedArray))
                if isinstance(x, ol.quantize.QuantizedArray)]
   assert len(quantized) == 2  # the two moments of the projected ∂v
-  moved = np.linalg.norm(runs[None][0] - params["w"])
-  error = np.linalg.norm(runs["int8"][0] - runs[None][0]) / moved
-  assert error <= 0.05, error
+  error = np.linalg.norm(_matrices(p, "w")[0] - want) / np.linalg.norm(want - w0)
+  assert 1e-3 <= error <= 0.05, error  # quantized (not the float rule), and close
 
 
 def test_update_without_params_is_an_error():
