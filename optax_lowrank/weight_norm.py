@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_lowrank import shapes
+from optax_lowrank.core import ACCUMULATION_ARG
 
 
 class WeightNormState(NamedTuple):
@@ -253,6 +254,12 @@ def weight_norm_project(
       raise ValueError(
           "weight_norm_project (GradNormLoRP) rebuilds the weights: pass "
           "`params` to update, tx.update(grads, state, params).")
+    if ACCUMULATION_ARG in extra_args:
+      raise ValueError(
+          "weight_norm_project (GradNormLoRP) reads the full gradient of every "
+          "weight-normalized leaf (for the magnitude's gradient), so it cannot "
+          "accumulate at projected size: use optax.MultiSteps (full-size "
+          "accumulation; the trainer's --accumulate full or auto).")
     plans, treedef = plan(updates)
     grads = treedef.flatten_up_to(updates)
     weights = treedef.flatten_up_to(params)

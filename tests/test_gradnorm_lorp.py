@@ -207,3 +207,23 @@ def test_update_without_params_is_an_error():
   params = {"w": jnp.ones((16, 8))}
   with pytest.raises(ValueError, match="params"):
     tx.update(params, tx.init(params))
+
+
+def test_subspace_accumulation_is_refused_and_full_size_accumulation_works():
+  """``optax_lowrank.MultiSteps`` would accumulate ``∂v`` at projected size, but ``∂g``
+  needs the full mean gradient: refused at ``init`` (the trainer's ``auto`` then
+  accumulates at full size), and ``optax.MultiSteps`` equals one step on the mean."""
+  params = {"tall": _tree(0, 1.0)["tall"]}
+  tx = ol.gradnorm_lorp(LR, rank=RANK)
+  with pytest.raises(ValueError, match="optax.MultiSteps"):
+    ol.MultiSteps(tx, 2).init(params)
+  g1, g2 = ({"tall": _tree(s, 3.0)["tall"]} for s in (1, 2))
+  ms = optax.MultiSteps(tx, 2)
+  update = jax.jit(ms.update)
+  _, state = update(g1, ms.init(params), params)
+  got, _ = update(g2, state, params)
+  (w0,) = _matrices(params, "tall")
+  ref = RefGradNormLoRP(w0, RANK, gap=200, lr=LR, scale=0.25)
+  want = ref.update((_matrices(g1, "tall")[0] + _matrices(g2, "tall")[0]) / 2) - w0
+  np.testing.assert_allclose(_matrices(got, "tall")[0], want, rtol=1e-4,
+                             atol=1e-4 * np.abs(want).max())
