@@ -73,6 +73,16 @@ def _hf_adamw_bias(params, steps):
   return out
 
 
+def _reference_run(refs):
+  """``{leaf: [reference per matrix]}`` stepped on ``_tree(100 + t)``: the matrices after
+  each step."""
+  out = []
+  for t in range(STEPS):
+    g = _tree(100 + t, 3.0)
+    out.append({k: [r.update(x) for r, x in zip(rs, _matrices(g, k))]
+                for k, rs in refs.items()})
+  return out
+
 def _errors(got, want, params0):
   """Per step and matrix: ‖W − W_ref‖ / ‖W_ref − W₀‖ (relative to the distance moved);
   ``got`` and ``want`` hold each leaf's matrices in torch orientation."""
@@ -90,16 +100,10 @@ def test_weights_match_the_authors_rule_and_not_galore_on_w():
                         weight_decay=WD, mask=DECAY, dimension_numbers=DIMS)
   got, state = _run(tx, params)
 
-  def make(k):
-    wd = WD if DECAY[k] else 0.0
-    return lambda w: RefGradNormLoRP(w, RANK, gap=GAP, lr=LR, scale=SCALE, wd=wd)
-
-  refs = {k: [make(k)(w) for w in _matrices(params, k)] for k in SHAPES if k != "bias"}
-  want = []
-  for t in range(STEPS):
-    g = _tree(100 + t, 3.0)
-    want.append({k: [r.update(x) for r, x in zip(rs, _matrices(g, k))]
-                 for k, rs in refs.items()})
+  refs = {k: [RefGradNormLoRP(w, RANK, gap=GAP, lr=LR, scale=SCALE,
+                               wd=WD if DECAY[k] else 0.0)
+               for w in _matrices(params, k)] for k in SHAPES if k != "bias"}
+  want = _reference_run(refs)
   errors = _errors([{k: _matrices(p, k) for k in refs} for p in got], want, params)
   assert errors.max() <= 1e-4, errors.reshape(STEPS, -1)
   # The magnitude in the state is the authors' g (per output row of W).
@@ -116,11 +120,7 @@ def test_weights_match_the_authors_rule_and_not_galore_on_w():
   # weights elsewhere.
   galore = {k: [RefGaLoreOnW(w, RANK, gap=GAP, lr=LR, scale=SCALE)
                 for w in _matrices(params, k)] for k in refs}
-  control = []
-  for t in range(STEPS):
-    g = _tree(100 + t, 3.0)
-    control.append({k: [r.update(x) for r, x in zip(rs, _matrices(g, k))]
-                    for k, rs in galore.items()})
+  control = _reference_run(galore)
   assert _errors(control, want, params).max() > 0.1
 
 
