@@ -198,6 +198,8 @@ KNOWN = {
     "apollo_mini": (lambda s: dict(rank=1), "rank 1"),
     "frugal": (lambda s: dict(density=FRUGAL_DENSITY, subspace="columns"),
                "density 0.25, subspace columns"),
+    "gradnorm_lorp": (lambda s: dict(rank=GALORE_RANK[s]),
+                      "rank as GaLore's, plus 4 float32 per output (g, |v|, g's moments)"),
 }
 
 

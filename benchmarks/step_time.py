@@ -202,6 +202,12 @@ def make_optimizers(rank: int, gap: int, mask_fn: Callable,
           projects="as galore's mask (where min side >= 128, max <= 4 min); "
           "Adafactor second moment everywhere",
       ),
+      "optax_lowrank.gradnorm_lorp": dict(
+          tx=optax_lowrank.gradnorm_lorp(
+              1e-3, rank=rank, update_proj_gap=gap, projection_mask=mask_fn),
+          galore=True,
+          projects="as galore; each matrix weight-normalized per output around it",
+      ),
       "optax.contrib.galore": dict(
           tx=contrib.galore(
               learning_rate=1e-3, rank=rank, update_proj_gap=gap, scale=0.25,

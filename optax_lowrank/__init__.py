@@ -11,6 +11,7 @@ from optax_lowrank import projectors
 from optax_lowrank import quantize
 from optax_lowrank import sampling
 from optax_lowrank import schedules
+from optax_lowrank import weight_norm
 from optax_lowrank.accumulation import MultiSteps
 from optax_lowrank.aliases import (
     adarankgrad,
@@ -24,6 +25,7 @@ from optax_lowrank.aliases import (
     galore,
     galore_8bit,
     golore,
+    gradnorm_lorp,
     grass,
     osd,
     q_galore,
@@ -61,6 +63,7 @@ __all__ = [
     "galore",
     "galore_8bit",
     "golore",
+    "gradnorm_lorp",
     "grass",
     "inner",
     "lowrank_project",
@@ -75,4 +78,5 @@ __all__ = [
     "sampling",
     "schedules",
     "vlorp",
+    "weight_norm",
 ]

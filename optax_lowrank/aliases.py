@@ -70,6 +70,7 @@ from optax_lowrank import projectors as projectors_lib
 from optax_lowrank import quantize as quantize_lib
 from optax_lowrank import schedules as schedules_lib
 from optax_lowrank import shapes
+from optax_lowrank import weight_norm as weight_norm_lib
 from optax_lowrank.core import lowrank_project
 from optax_lowrank.projectors import Projector
 from optax_lowrank.projectors import matmul
@@ -1729,6 +1730,100 @@ def golore(
       bias_correction,
       *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
+
+
+@_alias(static=("rank", "update_proj_gap", "proj_type", "projector",
+                "exact_gradient", "reset_magnitude"),
+        on_refresh="keep",
+        checks={"exact_gradient": _flag, "reset_magnitude": _flag})
+def gradnorm_lorp(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 128,
+    *,
+    update_proj_gap: int = 250,
+    scale: Union[float, jax.Array] = 0.25,
+    proj_type: Optional[str] = None,
+    projector: Union[str, Projector] = "svd",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    exact_gradient: bool = False,
+    reset_magnitude: bool = True,
+    options: AliasOptions,
+) -> optax.GradientTransformationExtraArgs:
+  """GradNormLoRP: GaLore-Adam on the direction of weight-normalized matrices.
+
+  Each projected matrix is trained as ``W = g · v / ‖v‖`` per output unit
+  (the norm over its input axes: a row of ``nn.Linear.weight``, a column of
+  an ``(in, out)`` kernel): ``∂v = G · g / ‖v‖`` goes through GaLore's Adam
+  (exact SVD subspace refreshed at step 0 and every ``update_proj_gap``
+  steps, moments kept, the update times ``scale``), ``∂g = Σ G ⊙ v / ‖v‖``
+  through Adam, and the update is ``g'·v'/‖v'‖ − W``
+  (``weight_norm.weight_norm_project``; it needs ``params``). The other
+  leaves get AdamW. Adam is Hugging Face's, as in the code (bias correction
+  in the step size, ``eps`` on the uncorrected ``√v``).
+
+  Follows the authors' ``LowRankWeightNormAdamW`` (the optimizer their
+  fine-tuning recipe runs; the ``WeightNormGaLoreAdamW`` named in their
+  pre-training recipe never writes the weights): each step starts from
+  ``g = ‖v‖`` (``reset_magnitude=True``), so ``∂v`` is ``G``; weight decay
+  multiplies the updated ``v`` and ``g`` by ``1 − lr · weight_decay``.
+  Defaults are those of the README's pre-training command (rank 128, gap
+  250, scale 0.25) and of the optimizer (betas, eps 1e-6, no decay).
+  Differences: the state keeps ``g`` and ``‖v‖`` per output instead of a
+  copy of ``v`` (the same arithmetic: ``v = (‖v‖/g) · W``); a zero column
+  of ``W`` stays zero (the code divides by its zero norm); the leaves that
+  are not projected get AdamW with the decay on the weight before the step,
+  where the code weight-normalizes them too (embeddings, norm weights).
+
+  Args:
+    learning_rate: A float or an optax schedule (the README: 0.01).
+    rank: Subspace rank (int) or fraction of each matrix's smaller side.
+    update_proj_gap: Steps between SVD refreshes.
+    scale: GaLore's ``alpha`` on the back-projected direction update.
+    proj_type: ``std`` (``None``, the default), ``reverse_std``, ``left``,
+      ``right`` or ``full``. An error with a ``Projector`` instance.
+    projector: ``"svd"`` or any ``Projector``.
+    b1: Adam's first-moment decay (direction and magnitude).
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, on the uncorrected ``√v``.
+    weight_decay: Decoupled weight decay.
+    exact_gradient: ``∂v = g/‖v‖ · (G − ∂g · v/‖v‖)``, the exact gradient
+      of the reparameterisation, instead of the authors' ``G · g / ‖v‖``.
+    reset_magnitude: Start each step from ``g = ‖v‖`` (the code); ``False``
+      keeps ``g`` as a parameter of its own (the paper).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_lowrank
+    >>> params = {"w": jnp.ones((64, 32)) + jnp.eye(64, 32), "b": jnp.zeros(32)}
+    >>> tx = optax_lowrank.gradnorm_lorp(1e-2, rank=8, update_proj_gap=50)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Huang et al., `Gradient Weight-normalized Low-rank Projection for
+    Efficient LLM Training <https://arxiv.org/abs/2412.19616>`_, AAAI 2025;
+    code: github.com/Jhhuangkay/Gradient-Weight-normalized-Low-rank-Projection-for-Efficient-LLM-Training.
+  """
+  projector = _projector(projector, proj_type, {"svd": projectors_lib.svd})
+  inner, bias_correction = _hf_adam(b1, b2, eps)
+  direction = optax.chain(
+      _project(options, inner, rank, update_proj_gap=update_proj_gap,
+               scale=scale, projector=projector,
+               on_refresh=options.on_refresh),
+      bias_correction)
+  return weight_norm_lib.weight_norm_project(
+      direction, optax.chain(*_hf_adam(b1, b2, eps)), learning_rate,
+      rank=rank, projection_mask=options.projection_mask,
+      dimension_numbers=options.dimension_numbers,
+      weight_decay=weight_decay, mask=options.mask,
+      exact_gradient=exact_gradient, reset_magnitude=reset_magnitude)
 
 
 # doctest does not look into functools.partial objects: run their examples.

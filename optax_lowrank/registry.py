@@ -27,6 +27,7 @@ optimizers = {
     "q_galore": aliases.q_galore,
     "coap": aliases.coap,
     "golore": aliases.golore,
+    "gradnorm_lorp": aliases.gradnorm_lorp,
 }
 
 STATIC_ARGS = {

@@ -225,6 +225,19 @@ def coap(s):
   return per_leaf, 3 * INT32
 
 
+
+def gradnorm_lorp(s):
+  """GaLore's state for the direction's gradient (moments and basis in the parameters'
+  dtype), plus four float32 numbers per output of each matrix: the magnitude g, the
+  direction's norm ‖v‖ (v itself is read from the weight: v = (‖v‖/g)·W) and g's two
+  Adam moments."""
+  per_leaf = {k: _moments(k, RANK, s) + _svd_basis(k, RANK, s)
+              + 4 * _matrices(k)[0] * _matrices(k)[1] * FLOAT32 for k in MATRICES}
+  per_leaf["bias"] = _full_adam("bias", s)
+  # weight_norm_project's count; lowrank_project's, scale_by_adam_uncorrected's and
+  # scale_by_bias_correction's for the direction; the last two again for g.
+  return per_leaf, 6 * INT32
+
 # name → [(case, kwargs, formula(itemsize) -> (per-leaf bytes, shared bytes))]
 CASES = {
     "galore": [("", dict(rank=RANK), galore)],
@@ -248,6 +261,7 @@ CASES = {
     "grass": [("", dict(rank=RANK), grass)],
     "adarankgrad": [("", dict(rank=RANK), adarankgrad)],
     "coap": [("", dict(rank=RANK), coap)],
+    "gradnorm_lorp": [("", dict(rank=RANK), gradnorm_lorp)],
     "flora": [
         # Every matrix factored and compressed (bfloat16 momentum, the
         # default); the stack (min side 20) neither; nothing (the default

@@ -55,6 +55,8 @@ ALIASES = {
                             dimension_numbers=DIMS),
     "golore": lambda: ol.golore(0.1, rank=4, update_proj_gap=2, switch_step=2,
                                 dimension_numbers=DIMS),
+    "gradnorm_lorp": lambda: ol.gradnorm_lorp(0.1, rank=4, update_proj_gap=2,
+                                              dimension_numbers=DIMS),
 }
 
 
@@ -226,6 +228,7 @@ SMALL_KWARGS = {
     "q_galore": dict(rank=4),
     "coap": dict(rank=4),
     "golore": dict(rank=4),
+    "gradnorm_lorp": dict(rank=4),
 }
 DECAY_MASK = {"w": True, "v": False, "b": False}
 PROJECTED = {"w": True, "v": True, "b": False}
@@ -251,7 +254,9 @@ def test_mask_is_the_weight_decay_mask_of_optax_adamw(name):
   updates' difference, ``-lr·wd·W`` on the masked leaves), for a callable mask, while
   ``projection_mask`` (also a callable) picks the projected leaves. Flora adds
   ``wd·W`` after the learning rate (its reference's rule): its difference is
-  optax.adamw's divided by the learning rate."""
+  optax.adamw's divided by the learning rate. GradNormLoRP decays its projected
+  (weight-normalized) leaves after the step, as its reference does: there the
+  difference is ``-lr·wd·W'``, ``W'`` the weight after the step without decay."""
   lr, wd = 0.1, 0.25
   params, grads = _small(0), _small(1)
   factory = ol.optimizers[name]
@@ -278,6 +283,8 @@ def test_mask_is_the_weight_decay_mask_of_optax_adamw(name):
     want = np.asarray(ref_decay[k]) - np.asarray(ref_without[k])
     if name == "flora":
       want = want / lr
+    if name == "gradnorm_lorp" and PROJECTED[k]:
+      want = -lr * wd * (np.asarray(params[k]) + np.asarray(without[k])) * DECAY_MASK[k]
     scale = np.abs(np.asarray(without[k])).max() + np.abs(want).max()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale,
                                err_msg=f"{name} {k}")
@@ -312,9 +319,11 @@ def test_inject_hyperparams_with_the_static_args_equals_the_alias(name):
   want, _ = jax.jit(plain.update)(grads, plain_state, params)
   got, state = jax.jit(injected.update)(grads, state, params)
   for k in SMALL:
+    atol = 1e-6 * float(jnp.abs(want[k]).max())
+    if name == "gradnorm_lorp":  # W' − W: rounded to W's float32 spacing, as W + U is
+      atol = max(atol, 4 * float(jnp.finfo(jnp.float32).eps * jnp.abs(params[k]).max()))
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-5,
-                               atol=1e-6 * float(jnp.abs(want[k]).max()),
-                               err_msg=f"{name} {k}")
+                               atol=atol, err_msg=f"{name} {k}")
 
 
 # Values each argument must refuse, by name; every argument of every alias has an
@@ -368,6 +377,8 @@ BAD = {
     "queue_size": [0],
     "reproject_factor": [0, True],
     "switch_step": [-1, True],
+    "exact_gradient": [1, "yes"],
+    "reset_magnitude": [1, "yes"],
 }
 BAD_FOR = {("flora", "b2"): [NAN, 0.0, INF, True],  # an exponent > 0
            ("vlorp", "projector"): ["random"]}  # None or a Projector
