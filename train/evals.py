@@ -42,18 +42,20 @@ def make_greedy_fn(graphdef, max_new_tokens: int, eos_id: int):
   (L ≥ max length + max_new_tokens); a row stops growing after it writes `eos_id`."""
   def generate(params, tokens, lengths):
     model = nnx.merge(graphdef, params)
-    rows = jnp.arange(tokens.shape[0])
+    positions = jnp.arange(tokens.shape[1])
 
     def body(i, carry):
       tokens, done = carry
-      last = lengths + i - 1  # the newest known token of each row
-      logits = model(tokens)[rows, last].astype(jnp.float32)
+      last = (lengths + i - 1)[:, None]  # the newest known token of each row
+      # selections by comparison, not gathers: a batch-sharded buffer stays sharded
+      here = (positions == last)[..., None]
+      logits = jnp.sum(jnp.where(here, model(tokens).astype(jnp.float32), 0.0), axis=1)
       new = jnp.argmax(logits, axis=-1).astype(tokens.dtype)
       new = jnp.where(done, eos_id, new)
-      tokens = tokens.at[rows, last + 1].set(new)
+      tokens = jnp.where(positions == last + 1, new[:, None], tokens)
       return tokens, done | (new == eos_id)
 
-    done = jnp.zeros(tokens.shape[0], bool)
+    done = lengths < 0  # all False, laid out like the batch
     tokens, _ = jax.lax.fori_loop(0, max_new_tokens, body, (tokens, done))
     return tokens
   return generate

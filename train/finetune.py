@@ -90,7 +90,7 @@ class Source:
   """What `--init-from` holds: the model config, its tokenizer, and how to get its
   parameters (`load(setup)`: pure-dict params laid out like `setup`'s)."""
 
-  def __init__(self, args, say):
+  def __init__(self, args, mesh):
     from models.config import LlamaConfig
     from train import data
     from train.loop import RunError
@@ -101,7 +101,7 @@ class Source:
       from flax import nnx
       self.hf_model = models.from_pretrained(path, dtype=args.dtype,
                                              param_dtype=args.param_dtype,
-                                             scan_layers=bool(args.scan_layers))
+                                             scan_layers=bool(args.scan_layers), mesh=mesh)
       cfg = self.hf_model.cfg.replace(remat=args.remat)
       tokenizer = os.path.join(path, "tokenizer.json")
       if not os.path.isfile(tokenizer):
@@ -192,7 +192,8 @@ def run(args) -> dict:
   say = print if lead else (lambda *a, **k: None)
   flags = validate.flags_of(args)
   ckpt, resume = loop.open_checkpoints(args, flags, lead, say)
-  source = Source(args, say)
+  mesh = shd.make_mesh(args.mesh_shape, explicit=args.shard_mode == "explicit")
+  source = Source(args, mesh)
   tok = source.tokenizer
   seq_len = args.seq_len or source.cfg.max_seq_len
   cfg = source.cfg.replace(max_seq_len=max(seq_len, source.cfg.max_seq_len))
@@ -210,13 +211,15 @@ def run(args) -> dict:
   if prompts and args.max_new_tokens >= seq_len:
     raise loop.RunError(f"--max-new-tokens ({args.max_new_tokens}) must be below the row "
                         f"length --seq-len ({seq_len})")
+  choice_rows = questions and instruct.choice_rows(questions, tok, seq_len, pad_id)
+  prompt_buffer = prompts and evals.prompt_buffer([p for p, _ in prompts], tok, seq_len,
+                                                  args.max_new_tokens, pad_id)
   say(f"init from {source.description}; tokenizer {tok.name}")
   say(f"data: {args.data}: {len(train_rows)} rows of {seq_len + 1} tokens "
       f"({'packed' if args.packing else 'padded'}), "
       f"{int(train_rows.mask.sum()):,} completion tokens"
       + (f"; {train_rows.truncated} example(s) cut to fit" if train_rows.truncated else ""))
 
-  mesh = shd.make_mesh(args.mesh_shape, explicit=args.shard_mode == "explicit")
   setup = loop.Setup(args, cfg, mesh, say)
   say(f"model: {setup.describe()}; mesh {dict(args.mesh_shape)} ({args.shard_mode}) on "
       f"{jax.device_count()} {jax.devices()[0].platform} devices")
@@ -256,29 +259,26 @@ def run(args) -> dict:
         yield len(part[0]), [np.concatenate([p, np.repeat(a[:1], fill, 0)]) for p, a in
                              zip(part, arrays)]
 
-    def per_row(rows):
+    def per_row(params, rows):
       nll, count = [], []
       for n, (tokens, mask) in batches(rows.tokens, rows.mask.astype(np.float32)):
-        s, c = score(params_now, loop.put(steps.masked_batch(tokens, mask), eval_sharding))
+        s, c = score(params, loop.put(steps.masked_batch(tokens, mask), eval_sharding))
         nll.append(np.asarray(s)[:n])
         count.append(np.asarray(c)[:n])
       return np.concatenate(nll), np.concatenate(count)
 
     def evaluate(params) -> dict:
-      nonlocal params_now
-      params_now, result = params, {}
+      result = {}
       if eval_rows is not None:
-        nll, count = per_row(eval_rows)
+        nll, count = per_row(params, eval_rows)
         result["val_loss"] = float(nll.sum() / max(count.sum(), 1))
         result["val_ppl"] = data.perplexity(result["val_loss"])
       if questions:
-        nll, count = per_row(instruct.choice_rows(questions, tok, seq_len, pad_id))
+        nll, count = per_row(params, choice_rows)
         result.update(evals.choice_accuracy(nll, count, questions))
       if prompts:
-        tokens, lengths = evals.prompt_buffer([p for p, _ in prompts], tok, seq_len,
-                                              args.max_new_tokens, pad_id)
         texts = []
-        for n, (t, l) in batches(tokens, lengths):
+        for n, (t, l) in batches(*prompt_buffer):
           out = np.asarray(generate(params, loop.put(t, eval_sharding),
                                     loop.put(l, eval_sharding)))
           texts += evals.generated_text(out[:n], l[:n], tok)
@@ -287,7 +287,6 @@ def run(args) -> dict:
              for t, (_, a) in zip(texts, prompts)]))
       return result
 
-    params_now = None
     if resume is None:
       before = evaluate(state["params"])
       log.write({"step": 0, **before})
