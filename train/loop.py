@@ -124,7 +124,8 @@ class Setup:
       sides = [min(x.shape[-2:]) for x, m in zip(jax.tree.leaves(params),
                                                  jax.tree.leaves(self.mask)) if m]
       if sides and max(sides) <= args.rank:
-        raise RunError(f"--rank {args.rank}: no projected matrix of the model has a smaller "
+        model = f"--model {args.model}" if hasattr(args, "model") else "the model"
+        raise RunError(f"--rank {args.rank}: no projected matrix of {model} has a smaller "
                        f"side above it (the largest is {max(sides)}), so nothing would be "
                        "projected")
     self.guard = faults.Guard(args.spike_factor if args.skip_spikes else None,
