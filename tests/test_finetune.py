@@ -118,14 +118,16 @@ def test_masked_train_loss_and_gradient_are_the_mean_over_completion_tokens(mode
                jax.device_get(new["opt_state"]), jax.device_get(grads))
 
 
-def test_masked_subspace_accumulation_equals_one_step_on_the_whole_batch(model):
+def test_masked_subspace_accumulation_equals_one_step_on_the_whole_batch():
   """VLoRP accumulating 2 micro-batches in the subspace (optax_lowrank.MultiSteps, which
   averages the micro-batch gradients) with very uneven completion tokens gives the step
   that VLoRP takes on the whole batch at once: the same loss, the same weights."""
   import optax_lowrank as ol
   from models.lowrank import lowrank_spec
-  graphdef, params, _ = model
-  mask_tree, dims = lowrank_spec(params, CFG)
+  cfg = CFG.replace(num_layers=1)
+  m = Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(4)))
+  graphdef, params = nnx.graphdef(m), pure_dict(nnx.state(m, nnx.Param))
+  mask_tree, dims = lowrank_spec(params, cfg)
   make = lambda: ol.vlorp(1e-2, rank=2, granularity=4, projection_mask=mask_tree,
                           dimension_numbers=dims)
   rng = np.random.default_rng(1)
