@@ -1,4 +1,5 @@
-"""The pretraining program (run from the repository root: python -m train.pretrain)."""
+"""The pretraining and fine-tuning programs (run from the repository root: python -m
+train.pretrain, python -m train.finetune)."""
 
 import os
 

@@ -50,7 +50,8 @@ class BPETokenizer:
     self.name = os.path.basename(path)
     ids = [self._tok.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<eos>")]
     self.eos_id = next((i for i in ids if i is not None), None)
-    self.bos_id = None
+    ids = [self._tok.token_to_id(t) for t in ("<s>", "<|begin_of_text|>", "<bos>")]
+    self.bos_id = next((i for i in ids if i is not None), None)  # fine-tuning prepends it
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text).ids, np.uint32)

@@ -48,6 +48,39 @@ def make_loss_fn(graphdef) -> Callable[[Any, jax.Array], jax.Array]:
   return loss_fn
 
 
+def masked_batch(tokens: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """A batch for `make_masked_loss_fn`: tokens (..., T+1) and a loss mask (..., T) on the
+  predicted tokens (`mask[..., t]` weighs the prediction of `tokens[..., t + 1]`)."""
+  return {"tokens": tokens, "mask": mask}
+
+
+def make_masked_loss_fn(graphdef):
+  """loss(params, {"tokens" (b, T+1), "mask" (b, T)}, scale) → scale · Σ mask · CE.
+
+  The cross-entropy of the masked-in predictions only (completion tokens in fine-tuning),
+  summed and multiplied by `scale`; the train step passes `scale = k / Σ mask` over the
+  whole batch of k micro-batches, so the mean over micro-batches is the mean over every
+  masked-in token of the batch, however unevenly they fall in the micro-batches.
+  """
+  def loss_fn(params, batch, scale):
+    model = nnx.merge(graphdef, params)
+    tokens = batch["tokens"]
+    losses = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+    return scale * jnp.sum(losses * batch["mask"].astype(jnp.float32))
+  return loss_fn
+
+
+def _grad_fn(graphdef, batch):
+  """(value_and_grad of the loss of one micro-batch, k) for `batch` (k micro-batches):
+  the mean loss of a token array, the masked loss of a `masked_batch` dict."""
+  k = jax.tree.leaves(batch)[0].shape[0]
+  if not isinstance(batch, dict):
+    return jax.value_and_grad(make_loss_fn(graphdef)), k
+  scale = k / jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
+  grad_fn = jax.value_and_grad(make_masked_loss_fn(graphdef))
+  return (lambda params, micro: grad_fn(params, micro, scale)), k
+
+
 def place(x: jax.Array, spec: P) -> jax.Array:
   """`x` laid out as `spec` over the current mesh: `reshard` where the mesh's axes are
   Explicit, a sharding constraint (the compiler's choice elsewhere) where they are Auto."""
@@ -61,9 +94,19 @@ def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs
   """init(key) → train state; params are resharded to their specs where they are born.
   `store` (e.g. `weight_quant.Int8Weights.store`) maps the float params to the stored
   ones after the optimizer's init; with a `guard` the state has its `health` entry."""
+  from_params = make_state_fn(tx, param_specs, store=store, guard=guard)
   def init(key):
     model = Llama(cfg, rngs=nnx.Rngs(params=key))
-    params = pure_dict(nnx.state(model, nnx.Param))
+    return from_params(pure_dict(nnx.state(model, nnx.Param)))
+  return init
+
+
+def make_state_fn(tx: optax.GradientTransformation, param_specs=None, *,
+                  store: Callable[[Any], Any] | None = None, guard: Guard | None = None):
+  """state(params) → the train state at step 0 of given (pure-dict) params, e.g. a
+  pretrained model's for fine-tuning; `param_specs`, `store`, `guard` as in
+  `make_init_fn`."""
+  def init(params):
     if param_specs is not None:
       params = jax.tree.map(place, params, param_specs)
     opt_state = tx.init(params)
@@ -111,13 +154,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None,
 
   The k micro-batches are scanned inside the step (gradient accumulation): gradients and
   losses are summed in float32 and divided by k, which equals one step on the whole batch
-  because every micro-batch has the same number of tokens. With a `guard`
+  because every micro-batch has the same number of tokens. A `masked_batch` dict of such
+  arrays trains on the masked-in tokens only (`make_masked_loss_fn`). With a `guard`
   (`train.faults.Guard`), a step it rejects (a non-finite loss or gradient norm, a spike)
   leaves the parameters and the optimizer state as they were.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
-
   def step(state: State, batch: jax.Array):
+    grad_fn, k = _grad_fn(graphdef, batch)
     params = state["params"]
     zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
 
@@ -128,7 +171,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None,
       return (loss_sum + loss, grad_sum), None
 
     (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch)
-    k = batch.shape[0]
     loss = loss / k
     grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
     norm = optax.tree.norm(grads)
@@ -157,10 +199,9 @@ def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0,
   accumulated (the mean's full gradient is never formed, so it cannot be clipped as a
   whole); `micro_grad_norm` logs the mean norm of the micro-batch gradients, which is
   also what a `guard` checks (with the loss); a rejected step drops the accumulators.
+  A `masked_batch` dict trains on its masked-in tokens, as in `make_train_step`.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
-
-  def micro_grads(params, tokens):
+  def micro_grads(grad_fn, params, tokens):
     loss, grads = grad_fn(params, tokens)
     norm = optax.tree.norm(grads)
     if clip and clip > 0:
@@ -169,19 +210,20 @@ def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0,
     return loss, norm, grads
 
   def step(state: State, batch: jax.Array):
+    grad_fn, k = _grad_fn(graphdef, batch)
     params = state["params"]
 
     def micro(carry, tokens):
       loss_sum, norm_sum, opt_state = carry
-      loss, norm, grads = micro_grads(params, tokens)
+      loss, norm, grads = micro_grads(grad_fn, params, tokens)
       opt_state = tx.accumulate(grads, opt_state, params)
       return (loss_sum + loss, norm_sum + norm, opt_state), None
 
     zero = jnp.zeros((), jnp.float32)
     (loss, norm, opt_state), _ = jax.lax.scan(
-        micro, (zero, zero, state["opt_state"]), batch[:-1])
-    last_loss, last_norm, grads = micro_grads(params, batch[-1])
-    k = batch.shape[0]
+        micro, (zero, zero, state["opt_state"]), jax.tree.map(lambda x: x[:-1], batch))
+    last_loss, last_norm, grads = micro_grads(grad_fn, params,
+                                              jax.tree.map(lambda x: x[-1], batch))
     loss, norm = (loss + last_loss) / k, (norm + last_norm) / k
 
     def apply():
@@ -203,6 +245,18 @@ def make_eval_step(graphdef):
     model = nnx.merge(graphdef, params)
     losses = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
     return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
+  return eval_step
+
+
+def make_masked_eval_step(graphdef):
+  """eval(params, {"tokens" (b, T+1), "mask" (b, T)}) → (Σ mask · CE, Σ mask), per row:
+  each row's summed cross-entropy of its masked-in tokens and their count (a completion's
+  negative log-likelihood; a multiple-choice continuation's score)."""
+  def eval_step(params, batch):
+    model = nnx.merge(graphdef, params)
+    tokens, mask = batch["tokens"], batch["mask"].astype(jnp.float32)
+    losses = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+    return jnp.sum(losses * mask, axis=-1), jnp.sum(mask, axis=-1)
   return eval_step
 
 

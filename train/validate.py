@@ -29,11 +29,12 @@ def _flag(name: str) -> str:
 
 
 def check(args, error: Callable[[str], None]) -> None:
-  """Every flag's value; calls `error` (which exits) with one line on the first bad one."""
+  """Every flag's value; calls `error` (which exits) with one line on the first bad one.
+  Flags a program does not have (fine-tuning has no corpus flags) are passed over."""
   for name in ("steps", "batch_size", "micro_batches", "eval_every", "eval_batches",
                "eval_batch_size", "update_proj_gap", "keep", "ckpt_every", "stop_at",
                "seq_len", "vocab_size", "corpus_bytes", "max_nonfinite_steps"):
-    value = getattr(args, name)
+    value = getattr(args, name, None)
     if value is not None and value <= 0:
       error(f"{_flag(name)}: must be positive, got {value}")
   if args.seed < 0:
@@ -50,7 +51,7 @@ def check(args, error: Callable[[str], None]) -> None:
             ("scale", 0, None, False, False), ("val_fraction", 0, 1, False, False),
             ("spike_factor", 0, None, False, False))
   for name, low, high, low_in, high_in in ranges:
-    value = getattr(args, name)
+    value = getattr(args, name, None)
     if value is None:
       continue
     bad = (not math.isfinite(value) or (value < low if low_in else value <= low)
@@ -60,7 +61,8 @@ def check(args, error: Callable[[str], None]) -> None:
       where = f"in {lo}, {hi}" if high is not None else (
           "non-negative" if low_in else "positive")
       error(f"{_flag(name)}: must be {where} (and finite), got {value}")
-  _check_files(args, error)
+  if hasattr(args, "data_dtype"):  # the pretraining corpus
+    _check_files(args, error)
   for name in ("out", "ckpt_dir"):
     path = getattr(args, name)
     why = path is not None and unwritable(path)
