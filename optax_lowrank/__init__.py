@@ -7,10 +7,12 @@ from optax_lowrank import combine
 from optax_lowrank import inner
 from optax_lowrank import memory
 from optax_lowrank import moments
+from optax_lowrank import newton_schulz
 from optax_lowrank import projectors
 from optax_lowrank import quantize
 from optax_lowrank import sampling
 from optax_lowrank import schedules
+from optax_lowrank import unbiased
 from optax_lowrank.accumulation import MultiSteps
 from optax_lowrank.aliases import (
     adarankgrad,
@@ -25,6 +27,7 @@ from optax_lowrank.aliases import (
     galore_8bit,
     golore,
     grass,
+    gum,
     osd,
     q_galore,
     vlorp,
@@ -62,11 +65,13 @@ __all__ = [
     "galore_8bit",
     "golore",
     "grass",
+    "gum",
     "inner",
     "lowrank_project",
     "match_paths",
     "memory",
     "moments",
+    "newton_schulz",
     "optimizers",
     "osd",
     "projectors",
@@ -74,5 +79,6 @@ __all__ = [
     "quantize",
     "sampling",
     "schedules",
+    "unbiased",
     "vlorp",
 ]
