@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_lowrank import sampling
+from optax_lowrank import shapes
 from optax_lowrank.combine import CombineRule
 from optax_lowrank.newton_schulz import MUON_COEFFS, newton_schulz
 from optax_lowrank.projectors import matmul
@@ -158,6 +159,12 @@ def projector(full_rank_layers: int, *, num_layers: Optional[int] = None,
   return Projector(init, refresh, down, up)
 
 
+def _whole_layers(x: jax.Array) -> jax.Array:
+  """``x`` with its first (layers) axis unsharded, so slots can be gathered."""
+  spec = shapes.explicit_spec(x)
+  return x if spec is None else shapes.reshard_to(x, (None,) + tuple(spec[1:]))
+
+
 def shape_scale(m: int, n: int, consistent_rms: Optional[float]) -> float:
   """Muon's factor for an ``m × n`` update (of the full matrix).
 
@@ -169,6 +176,7 @@ def shape_scale(m: int, n: int, consistent_rms: Optional[float]) -> float:
   """
   if consistent_rms is None:
     return math.sqrt(max(1.0, m / n))
+  # An array (optax.inject_hyperparams) stays an array.
   return consistent_rms * math.sqrt(max(m, n))
 
 
@@ -211,7 +219,7 @@ def combine(full_rank_layers: int, *, num_layers: Optional[int] = None,
     raise ValueError(f"`beta` must be in [0, 1), got {beta!r}")
   if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
     raise ValueError(f"`ns_steps` must be a positive int, got {ns_steps!r}")
-  if consistent_rms is not None and not consistent_rms > 0:
+  if isinstance(consistent_rms, (int, float)) and not consistent_rms > 0:
     raise ValueError(
         f"`consistent_rms` must be positive or None, got {consistent_rms!r}")
   orthogonalize = lambda x: newton_schulz(x, ns_steps, ns_coeffs, eps)
@@ -251,7 +259,7 @@ def combine(full_rank_layers: int, *, num_layers: Optional[int] = None,
 
     # Step 2: the full-rank branch on the slots, F ← βF + (G − PPᵀG)/q.
     if stacked:
-      take = lambda x: jnp.take(x, basis.slots, axis=0)
+      take = lambda x: jnp.take(_whole_layers(x), basis.slots, axis=0)
       sub = jax.tree.map(take, basis.subspace)
       g_s, r_s = take(g), take(r)
     else:
@@ -265,7 +273,7 @@ def combine(full_rank_layers: int, *, num_layers: Optional[int] = None,
 
     # Step 3: the drawn layers' updates replace their low-rank ones.
     if stacked:
-      u = u.at[basis.slots].set(u_full)
+      u = _whole_layers(u).at[basis.slots].set(u_full)
     else:
       u = jnp.where(drawn, u_full[0], u)
     factor = scale * shape_scale(rows, cols, consistent_rms)

@@ -55,6 +55,10 @@ ALIASES = {
                             dimension_numbers=DIMS),
     "golore": lambda: ol.golore(0.1, rank=4, update_proj_gap=2, switch_step=2,
                                 dimension_numbers=DIMS),
+    "gum": lambda: ol.gum(0.1, rank=4, full_rank_layers=1, update_proj_gap=2,
+                          dimension_numbers=DIMS,
+                          projection_mask={"w": False, "v": False, "layers": True,
+                                           "b": False}),
 }
 
 
@@ -226,6 +230,7 @@ SMALL_KWARGS = {
     "q_galore": dict(rank=4),
     "coap": dict(rank=4),
     "golore": dict(rank=4),
+    "gum": dict(rank=4, full_rank_layers=1, num_layers=2, group_fn=lambda path: path),
 }
 DECAY_MASK = {"w": True, "v": False, "b": False}
 PROJECTED = {"w": True, "v": True, "b": False}
@@ -368,6 +373,11 @@ BAD = {
     "queue_size": [0],
     "reproject_factor": [0, True],
     "switch_step": [-1, True],
+    "full_rank_layers": [0, True, 1.5],
+    "num_layers": [1, True, 2.5],
+    "beta": [NAN, 1.0, -0.1, True],
+    "ns_steps": [0, True, 2.5],
+    "consistent_rms": [0.0, NAN, True],
 }
 BAD_FOR = {("flora", "b2"): [NAN, 0.0, INF, True],  # an exponent > 0
            ("vlorp", "projector"): ["random"]}  # None or a Projector
