@@ -1,11 +1,14 @@
-"""Newton–Schulz orthogonalization (Muon's), batched over leading axes."""
+"""Newton–Schulz orthogonalization (Muon's), batched over leading axes, and the
+dimension numbers that let optax's Muon run on trees of (stacked, projected) matrices."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from optax_lowrank import shapes
 
@@ -68,3 +71,42 @@ def newton_schulz(x: jax.Array, steps: int = 5,
   if not wide:
     y = jnp.swapaxes(y, -1, -2)
   return shapes.reshard_like(y, x)
+
+
+def matrix_dimension_numbers(updates: Any) -> Any:
+  """``optax.contrib.scale_by_muon``'s dimension numbers: each leaf's last two axes.
+
+  ``scale_by_muon`` with ``weight_dimension_numbers=None`` takes a single
+  matrix only (on a dict of parameters optax 0.2.8 raises a pytree structure
+  error), and stacked layers need their leading axes marked as batch axes.
+  Pass this function as ``weight_dimension_numbers``: every leaf of rank
+  ``d`` is orthogonalized over its axes ``(d − 2, d − 1)``, the others are
+  batch axes. Inside ``lowrank_project`` the leaves are the projected
+  gradients (``(batch..., n, r)`` or ``(batch..., r, m)``), so this is what
+  Muon in the subspace needs; give ``lowrank_project`` an ``unprojected``
+  transform for the leaves Muon should not see (vectors, embeddings), which
+  then reach ``scale_by_muon`` as ``optax.MaskedNode``s.
+
+  Args:
+    updates: A pytree of arrays (``optax.MaskedNode`` leaves are kept).
+
+  Returns:
+    A pytree like ``updates`` of ``optax.contrib.MuonDimensionNumbers``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_lowrank
+    >>> from optax_lowrank.newton_schulz import matrix_dimension_numbers
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax.contrib.scale_by_muon(
+    ...         weight_dimension_numbers=matrix_dimension_numbers),
+    ...     rank=4, unprojected=optax.scale_by_adam())
+    >>> params = {"w": jnp.ones((16, 32)), "b": jnp.zeros(32)}
+    >>> updates, state = tx.update(params, tx.init(params))
+
+  References:
+    Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+    <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+  """
+  return jax.tree.map(
+      lambda x: optax.contrib.MuonDimensionNumbers(x.ndim - 2, x.ndim - 1),
+      updates)

@@ -56,6 +56,37 @@ def test_lowrank_scale_by_muon_is_p_times_ns_of_the_projected_momentum(nesterov)
     assert np.linalg.norm(u - scale * pl) > 0.5 * np.linalg.norm(scale * w)
 
 
+def test_a_tree_with_stacked_layers_needs_matrix_dimension_numbers():
+  """On a parameter tree (a matrix, a stack of two, a bias) ``scale_by_muon`` needs
+  dimension numbers (optax's default takes one bare matrix); with
+  ``matrix_dimension_numbers`` every matrix, stacked ones layer by layer, gets
+  ``P·NS(M)`` of its own gradients (float64 reference), the bias Adam."""
+  dims = {"w": None, "s": ol.DimensionNumbers(1, 2), "b": None}
+  tx = ol.lowrank_project(
+      optax.contrib.scale_by_muon(
+          beta=BETA, weight_dimension_numbers=ol.newton_schulz.matrix_dimension_numbers),
+      rank=RANK, update_proj_gap=100, dimension_numbers=dims,
+      unprojected=optax.scale_by_adam())
+  keys = jax.random.split(jax.random.key(5), 3)
+  grads = [{"w": jax.random.normal(k, (N_IN, M_OUT)),
+            "s": jax.random.normal(jax.random.fold_in(k, 1), (2, N_IN, M_OUT)),
+            "b": jnp.ones(M_OUT)} for k in keys]
+  state, update = tx.init(jax.tree.map(jnp.zeros_like, grads[0])), jax.jit(tx.update)
+  got = []
+  for g in grads:
+    u, state = update(g, state)
+    got.append(u)
+  matrices = {"w": [np.asarray(g["w"]) for g in grads]}
+  matrices.update({f"s{i}": [np.asarray(g["s"][i]) for g in grads] for i in range(2)})
+  for name, gs in matrices.items():
+    for t, want in enumerate(_reference(gs, nesterov=True)):
+      u = np.asarray(got[t]["w"] if name == "w" else got[t]["s"][int(name[1])])
+      assert np.linalg.norm(u - want) < 2e-4 * np.linalg.norm(want), (name, t)
+  bad = optax.contrib.scale_by_muon()
+  with pytest.raises(ValueError):
+    bad.update({"w": grads[0]["w"]}, bad.init({"w": grads[0]["w"]}))
+
+
 def test_optax_muon_inside_the_wrapper_scales_by_the_projected_shape():
   """``optax.contrib.muon`` (its ``scale_by_shape`` included) inside ``lowrank_project``
   multiplies by ``√max(1, fan_out/fan_in)`` of the projected ``(n, r)`` leaf, not of the
