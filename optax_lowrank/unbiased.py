@@ -165,18 +165,31 @@ def _whole_layers(x: jax.Array) -> jax.Array:
   return x if spec is None else shapes.reshard_to(x, (None,) + tuple(spec[1:]))
 
 
-def shape_scale(m: int, n: int, consistent_rms: Optional[float]) -> float:
+def shape_scale(m: int, n: int, consistent_rms: Optional[float]) -> Any:
   """Muon's factor for an ``m × n`` update (of the full matrix).
 
-  ``consistent_rms · √max(m, n)`` (Liu et al.'s, which gives updates of RMS
-  about ``consistent_rms``, like AdamW's, so one learning rate serves both),
-  or ``√max(1, m / n)`` (Keller Jordan's, ``optax.contrib.muon``'s default)
-  when ``consistent_rms`` is ``None``; ``m`` the output, ``n`` the input
-  size.
+  Args:
+    m: Output size (rows of the references' ``G``).
+    n: Input size.
+    consistent_rms: ``c`` gives ``c · √max(m, n)`` (Liu et al.'s: updates
+      of RMS about ``c``, like AdamW's, so one learning rate serves both; may
+      be an array); ``None`` gives ``√max(1, m / n)`` (Keller Jordan's,
+      ``optax.contrib.muon``'s default).
+
+  Returns:
+    The factor (a float, or an array for an array ``consistent_rms``).
+
+  Example:
+    >>> from optax_lowrank import unbiased
+    >>> round(unbiased.shape_scale(64, 16, 0.2), 4), unbiased.shape_scale(64, 16, None)
+    (1.6, 2.0)
+
+  References:
+    Liu et al., `Muon is Scalable for LLM Training
+    <https://arxiv.org/abs/2502.16982>`_, 2025.
   """
   if consistent_rms is None:
     return math.sqrt(max(1.0, m / n))
-  # An array (optax.inject_hyperparams) stays an array.
   return consistent_rms * math.sqrt(max(m, n))
 
 
