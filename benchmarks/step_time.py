@@ -205,9 +205,10 @@ def make_optimizers(rank: int, gap: int, mask_fn: Callable,
       "optax_lowrank.gum": dict(
           tx=optax_lowrank.gum(
               1e-3, rank=rank, update_proj_gap=gap, num_layers=layers,
+              full_rank_layers=min(2, layers - 1),
               group_fn=lambda path: path.split("/")[0], projection_mask=mask_fn),
           galore=True,
-          projects="as galore (exact SVD); 2 of the layers per period take "
+          projects="as galore (exact SVD); 2 of the layers (1 of 2) per period take "
           "Muon on G - PP^T G (one m x n buffer per unscanned matrix), the "
           "others Muon in the subspace; Adam on the other leaves",
       ),
