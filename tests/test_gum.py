@@ -74,9 +74,9 @@ def test_gum_matches_the_float64_reference_of_both_branches():
     for layer in range(L):
       assert err(u[layer], want["paper"][layer]) < 5e-4, (t, layer)
       assert err(u[layer], want["undebiased"][layer]) < 5e-4, (t, layer)
-      assert err(u[layer], other[layer]) > 0.1, (t, layer)
+      assert err(u[layer], other[layer]) > 0.5, (t, layer)
       if drawn[layer]:
-        assert err(u[layer], want["no_residual"][layer]) > 0.05, (t, layer)
+        assert err(u[layer], want["no_residual"][layer]) > 0.2, (t, layer)
 
 
 def _stacked_and_unscanned():
