@@ -268,7 +268,8 @@ def combine(full_rank_layers: int, *, num_layers: Optional[int] = None,
     # Step 1: the low-rank branch, R ← βR + PᵀG/(1−q), frozen where drawn.
     low = beta * state.low + r.astype(jnp.float32) / (1.0 - q)
     low = jnp.where(expand(drawn, low), state.low, low)
-    u = proj.up(basis, orthogonalize(low)).astype(jnp.float32)
+    low_rank_update = lambda low: shapes.reshard_like(
+        proj.up(basis, orthogonalize(low)).astype(jnp.float32), g)
 
     # Step 2: the full-rank branch on the slots, F ← βF + (G − PPᵀG)/q.
     if stacked:
@@ -282,13 +283,19 @@ def combine(full_rank_layers: int, *, num_layers: Optional[int] = None,
                     state.full.shape)
     old = jnp.where(basis.period == state.period, state.full, 0.0)
     full = jnp.where(expand(basis.active, old), beta * old + residual / q, old)
-    u_full = orthogonalize(full)
 
-    # Step 3: the drawn layers' updates replace their low-rank ones.
+    # Step 3: Newton–Schulz where each branch runs. A stack orthogonalizes
+    # every layer's R (the drawn ones' are overwritten) and the k slots'
+    # F; a leaf of one layer takes one branch, under a lax.cond.
     if stacked:
-      u = _whole_layers(u).at[basis.slots].set(u_full)
+      u = _whole_layers(low_rank_update(low)).at[basis.slots].set(
+          orthogonalize(full))
     else:
-      u = jnp.where(drawn, u_full[0], u)
+      u = jax.lax.cond(
+          drawn,
+          lambda low, full: shapes.reshard_like(orthogonalize(full)[0], g),
+          lambda low, full: low_rank_update(low),
+          low, full)
     factor = scale * shape_scale(rows, cols, consistent_rms)
     return factor * u, GumState(low, full, basis.period)
 
