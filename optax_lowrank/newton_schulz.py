@@ -96,12 +96,12 @@ def matrix_dimension_numbers(updates: Any) -> Any:
   Example:
     >>> import jax.numpy as jnp, optax, optax_lowrank
     >>> from optax_lowrank.newton_schulz import matrix_dimension_numbers
+    >>> matrix_dimension_numbers({"w": jnp.ones((4, 8)), "s": jnp.ones((2, 8, 4))})
+    {'s': MuonDimensionNumbers(reduction_axis=1, output_axis=2), 'w': ...}
     >>> tx = optax_lowrank.lowrank_project(
     ...     optax.contrib.scale_by_muon(
     ...         weight_dimension_numbers=matrix_dimension_numbers),
     ...     rank=4, unprojected=optax.scale_by_adam())
-    >>> params = {"w": jnp.ones((16, 32)), "b": jnp.zeros(32)}
-    >>> updates, state = tx.update(params, tx.init(params))
 
   References:
     Jordan et al., `Muon: An optimizer for hidden layers in neural networks
