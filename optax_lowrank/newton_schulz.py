@@ -1,5 +1,6 @@
 """Newton–Schulz orthogonalization (Muon's), batched over leading axes, and the
-dimension numbers that let optax's Muon run on trees of (stacked, projected) matrices."""
+dimension numbers that let optax's Muon run on trees of stacked or projected
+matrices."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def newton_schulz(x: jax.Array, steps: int = 5,
 
 
 def matrix_dimension_numbers(updates: Any) -> Any:
-  """``optax.contrib.scale_by_muon``'s dimension numbers: each leaf's last two axes.
+  """Dimension numbers for ``optax.contrib.scale_by_muon``: each leaf's last
+  two axes are the matrix.
 
   ``scale_by_muon`` with ``weight_dimension_numbers=None`` takes a single
   matrix only (on a dict of parameters optax 0.2.8 raises a pytree structure
@@ -96,7 +98,8 @@ def matrix_dimension_numbers(updates: Any) -> Any:
   Example:
     >>> import jax.numpy as jnp, optax, optax_lowrank
     >>> from optax_lowrank.newton_schulz import matrix_dimension_numbers
-    >>> matrix_dimension_numbers({"w": jnp.ones((4, 8)), "s": jnp.ones((2, 8, 4))})
+    >>> matrix_dimension_numbers(
+    ...     {"w": jnp.ones((4, 8)), "s": jnp.ones((2, 8, 4))})
     {'s': MuonDimensionNumbers(reduction_axis=1, output_axis=2), 'w': ...}
     >>> tx = optax_lowrank.lowrank_project(
     ...     optax.contrib.scale_by_muon(

@@ -181,8 +181,10 @@ def shape_scale(m: int, n: int, consistent_rms: Optional[float]) -> Any:
 
   Example:
     >>> from optax_lowrank import unbiased
-    >>> round(unbiased.shape_scale(64, 16, 0.2), 4), unbiased.shape_scale(64, 16, None)
-    (1.6, 2.0)
+    >>> round(unbiased.shape_scale(64, 16, 0.2), 4)
+    1.6
+    >>> unbiased.shape_scale(64, 16, None)
+    2.0
 
   References:
     Liu et al., `Muon is Scalable for LLM Training
@@ -230,7 +232,8 @@ def combine(full_rank_layers: int, *, num_layers: Optional[int] = None,
   """
   if isinstance(beta, (int, float)) and not 0.0 <= beta < 1.0:
     raise ValueError(f"`beta` must be in [0, 1), got {beta!r}")
-  if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+  if (isinstance(ns_steps, bool) or not isinstance(ns_steps, int)
+      or ns_steps < 1):
     raise ValueError(f"`ns_steps` must be a positive int, got {ns_steps!r}")
   if isinstance(consistent_rms, (int, float)) and not consistent_rms > 0:
     raise ValueError(
@@ -246,7 +249,8 @@ def combine(full_rank_layers: int, *, num_layers: Optional[int] = None,
     # leaf of one layer), unsharded.
     slot_info = info._replace(
         batch_shape=(full_rank_layers if batch else 1,) + tuple(batch[1:]),
-        spec=None if spec is None else (None,) + tuple(spec[1 if batch else 0:]))
+        spec=None if spec is None
+        else (None,) + tuple(spec[1 if batch else 0:]))
     return GumState(
         low=info.zeros("rm" if side == "right" else "nr", jnp.float32),
         full=slot_info.zeros("nm", jnp.float32),
