@@ -216,6 +216,12 @@ def optimizer_rows() -> list[Row]:
             setting=f"granularity {c}, rank {r} (budget c*r = 256, VLoRP "
             "paper)"))
       continue
+    if name == "gum":  # the full-rank branch saves memory on stacked layers
+      rows.append(Row(name, factory, lambda s: dict(rank=GALORE_RANK[s]),
+                      scan_layers=True,
+                      setting="rank as GaLore's, 2 full-rank layers, scanned "
+                      "(stacked) layers"))
+      continue
     if name in KNOWN:
       kwargs, setting = KNOWN[name]
     elif _accepts(factory, "rank"):

@@ -154,7 +154,7 @@ def set_refresh_count(state, count: int):
 
 
 def make_optimizers(rank: int, gap: int, mask_fn: Callable,
-                    vlorp_levels=VLORP_LEVELS) -> dict:
+                    vlorp_levels=VLORP_LEVELS, layers: int = 8) -> dict:
   opts = {
       "optax.adamw": dict(
           tx=optax.adamw(1e-3), galore=False,
@@ -207,6 +207,16 @@ def make_optimizers(rank: int, gap: int, mask_fn: Callable,
               1e-3, rank=rank, update_proj_gap=gap, projection_mask=mask_fn),
           galore=True,
           projects="as galore; each matrix weight-normalized per output around it",
+      ),
+      "optax_lowrank.gum": dict(
+          tx=optax_lowrank.gum(
+              1e-3, rank=rank, update_proj_gap=gap, num_layers=layers,
+              full_rank_layers=min(2, layers - 1),
+              group_fn=lambda path: path.split("/")[0], projection_mask=mask_fn),
+          galore=True,
+          projects="as galore (exact SVD); 2 of the layers (1 of 2) per period take "
+          "Muon on G - PP^T G (one m x n buffer per unscanned matrix), the "
+          "others Muon in the subspace; Adam on the other leaves",
       ),
       "optax.contrib.galore": dict(
           tx=contrib.galore(
@@ -274,7 +284,7 @@ def run_config(
       flush=True,
   )
 
-  opts = make_optimizers(rank, gap, projection_mask, vlorp_levels)
+  opts = make_optimizers(rank, gap, projection_mask, vlorp_levels, layers)
   runs = {}
   for oname, o in opts.items():
     t0 = time.perf_counter()

@@ -7,11 +7,13 @@ from optax_lowrank import combine
 from optax_lowrank import inner
 from optax_lowrank import memory
 from optax_lowrank import moments
+from optax_lowrank import newton_schulz
 from optax_lowrank import projectors
 from optax_lowrank import quantize
 from optax_lowrank import sampling
 from optax_lowrank import schedules
 from optax_lowrank import weight_norm
+from optax_lowrank import unbiased
 from optax_lowrank.accumulation import MultiSteps
 from optax_lowrank.aliases import (
     adarankgrad,
@@ -27,6 +29,7 @@ from optax_lowrank.aliases import (
     golore,
     gradnorm_lorp,
     grass,
+    gum,
     osd,
     q_galore,
     vlorp,
@@ -65,11 +68,13 @@ __all__ = [
     "golore",
     "gradnorm_lorp",
     "grass",
+    "gum",
     "inner",
     "lowrank_project",
     "match_paths",
     "memory",
     "moments",
+    "newton_schulz",
     "optimizers",
     "osd",
     "projectors",
@@ -77,6 +82,7 @@ __all__ = [
     "quantize",
     "sampling",
     "schedules",
+    "unbiased",
     "vlorp",
     "weight_norm",
 ]

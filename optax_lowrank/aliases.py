@@ -63,6 +63,7 @@ import numpy as np
 import optax
 
 from optax_lowrank import blockwise
+from optax_lowrank import unbiased as gum_lib
 from optax_lowrank import combine as combine_lib
 from optax_lowrank import inner as inner_lib
 from optax_lowrank import moments
@@ -299,6 +300,11 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "queue_size": _integer(1, optional=True),
     "reproject_factor": _integer(1, optional=True),
     "switch_step": _integer(0, optional=True),
+    "full_rank_layers": _integer(1),
+    "num_layers": _integer(2, optional=True),
+    "beta": _number(0.0, 1.0, hi_open=True),
+    "ns_steps": _integer(1),
+    "consistent_rms": _number(0.0, lo_open=True, optional=True),
 }
 
 
@@ -1825,6 +1831,123 @@ def gradnorm_lorp(
       weight_decay=weight_decay, mask=options.mask,
       exact_gradient=exact_gradient, reset_magnitude=reset_magnitude)
 
+
+# doctest does not look into functools.partial objects: run their examples.
+__test__ = {"apollo_mini": apollo_mini.__doc__,
+            "galore_8bit": galore_8bit.__doc__}
+
+
+@_alias(static=("rank", "full_rank_layers", "num_layers", "update_proj_gap",
+                "proj_type", "ns_steps"))
+def gum(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 128,
+    *,
+    full_rank_layers: int = 2,
+    num_layers: Optional[int] = None,
+    update_proj_gap: int = 200,
+    beta: float = 0.95,
+    ns_steps: int = 5,
+    consistent_rms: Optional[float] = 0.2,
+    scale: Union[float, jax.Array] = 1.0,
+    proj_type: Optional[str] = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    options: AliasOptions,
+) -> optax.GradientTransformationExtraArgs:
+  """GUM: GaLore made unbiased by layer-wise sampling, Muon in both branches.
+
+  Each period of ``update_proj_gap`` steps takes the exact SVD basis ``P`` of
+  every projected gradient (GaLore's ``std`` side) and draws
+  ``full_rank_layers`` (``k``, the paper's ``γ``) of the model's ``L`` layers,
+  the same for every matrix of a layer (``sampling.choose_layers``); with
+  ``q = k/L``, a layer not drawn steps ``P·NS(R)`` with
+  ``R ← βR + PᵀG/(1−q)``, a drawn one ``NS(F)`` with
+  ``F ← βF + (G − PPᵀG)/q`` (``gum.combine``). Both are multiplied by
+  ``scale · consistent_rms · √max(m, n)``; the leaves not projected
+  (embeddings, norms, head) take Adam (``b1``, ``b2``, ``eps``); then
+  decoupled weight decay and the learning rate, shared by all.
+
+  Layers: a stacked leaf's first batch axis is its layers axis (scanned
+  models), and it keeps full-rank momentum for its ``k`` drawn layers only.
+  Unscanned blocks (one layer per leaf) need ``num_layers`` and a
+  ``group_fn`` labelling each projected leaf with its layer (one label per
+  layer); each such leaf keeps an ``m × n`` buffer for the periods it is
+  drawn, so only stacked layers save the full-rank branch's memory.
+
+  No code of the authors is public; this follows the paper's update rules.
+  Our choices where it is silent: the low-rank momentum is kept across
+  periods (GaLore's rule) and left untouched while its layer is drawn; the
+  full-rank momentum starts from zero each period; momentum without
+  Nesterov, as the paper writes it; Muon's Newton–Schulz (5 steps, Keller
+  Jordan's coefficients); the update scale ``0.2·√max(m, n)`` of Liu et al.
+  (so that one learning rate serves Muon and Adam; ``consistent_rms=None``
+  gives Keller Jordan's ``√max(1, m/n)``); ``k = 2`` as in LISA. Note that
+  Newton–Schulz divides by the Frobenius norm first, so the factors
+  ``1/(1−q)`` and ``1/q`` cancel (up to ``eps``) in both branches' updates.
+
+  Args:
+    learning_rate: A float or an optax schedule.
+    rank: Subspace rank (int) or fraction of each matrix's smaller side.
+    full_rank_layers: ``k``, layers drawn per period, ``1 <= k < L``.
+    num_layers: ``L`` for unscanned blocks (leaves of one layer); ``None``
+      for stacked layers, where ``L`` is the layers axis.
+    update_proj_gap: Steps per period (SVD refresh and new draw).
+    beta: Momentum of both branches.
+    ns_steps: Newton–Schulz iterations.
+    consistent_rms: The update's target RMS (see above), or ``None``.
+    scale: Multiplier of the projected leaves' updates.
+    proj_type: The SVD side: ``std`` (``None``, the default),
+      ``reverse_std``, ``left`` or ``right``.
+    b1: Adam's first-moment decay (leaves not projected).
+    b2: Adam's second-moment decay (leaves not projected).
+    eps: Adam's epsilon (leaves not projected).
+    weight_decay: Decoupled weight decay, in the full space.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lowrank
+    >>> params = {"layers": jnp.ones((4, 32, 16)), "b": jnp.zeros(16)}
+    >>> tx = optax_lowrank.gum(
+    ...     1e-3, rank=4, full_rank_layers=1,
+    ...     dimension_numbers={"layers": optax_lowrank.DimensionNumbers(1, 2),
+    ...                        "b": None})
+    >>> updates, state = tx.update(params, tx.init(params), params)
+
+  References:
+    Pan et al., `Unbiased Gradient Low-Rank Projection
+    <https://arxiv.org/abs/2510.17802>`_, 2025.
+  """
+  if options.stagger:
+    raise ValueError(
+        "`stagger` must be False for gum: every leaf starts its period (and "
+        "reads the layer draw) on the same step")
+  if num_layers is not None and options.group_fn is None:
+    raise ValueError(
+        "`num_layers` (unscanned blocks) needs a `group_fn` labelling each "
+        "projected leaf with its layer")
+  if num_layers is not None and not full_rank_layers < num_layers:
+    raise ValueError(
+        f"`full_rank_layers` must be < num_layers={num_layers}, got "
+        f"{full_rank_layers}")
+  side = _side(proj_type)
+  draw = dict(num_layers=num_layers, proj_type=side)
+  return optax.chain(
+      _project(options, optax.identity(), rank,
+               update_proj_gap=update_proj_gap, scale=scale,
+               projector=gum_lib.projector(full_rank_layers, seed=options.seed,
+                                           **draw),
+               on_refresh="keep",
+               combine=gum_lib.combine(
+                   full_rank_layers, beta=beta, ns_steps=ns_steps,
+                   consistent_rms=consistent_rms, **draw),
+               unprojected=optax.scale_by_adam(b1=b1, b2=b2, eps=eps)),
+      *_decay_and_learning_rate(options, weight_decay, learning_rate),
+  )
 
 # doctest does not look into functools.partial objects: run their examples.
 __test__ = {"apollo_mini": apollo_mini.__doc__,

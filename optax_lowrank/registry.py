@@ -28,6 +28,7 @@ optimizers = {
     "coap": aliases.coap,
     "golore": aliases.golore,
     "gradnorm_lorp": aliases.gradnorm_lorp,
+    "gum": aliases.gum,
 }
 
 STATIC_ARGS = {

@@ -237,6 +237,24 @@ def gradnorm_lorp(s):
   # weight_norm_project's count; lowrank_project's, scale_by_adam_uncorrected's and
   # scale_by_bias_correction's for the direction; the last two again for g.
   return per_leaf, 6 * INT32
+def gum(s, projected, slots):
+  """GUM on the ``projected`` leaves: the SVD basis (parameters' dtype), the low-rank
+  momentum (float32, the kept side as GaLore's moments), the full-rank momentum of
+  ``slots`` layers (float32 ``m·n`` each: the drawn ones of a stack, or the one buffer of
+  an unscanned leaf), int32 slot indices, a bool per slot and two int32 period counters;
+  the other leaves take Adam."""
+  per_leaf = {}
+  for k in SHAPES:
+    if k in projected:
+      _, m, n = _matrices(k)
+      k_slots = slots if k == "stack" else 1
+      per_leaf[k] = (_svd_basis(k, RANK, s) + _moments(k, RANK, FLOAT32) // 2
+                     + k_slots * (m * n * FLOAT32 + INT32 + 1) + 2 * INT32)
+    else:
+      per_leaf[k] = _full_adam(k, s)
+  # lowrank_project's step count and scale_by_adam's.
+  return per_leaf, 2 * INT32
+
 
 # name → [(case, kwargs, formula(itemsize) -> (per-leaf bytes, shared bytes))]
 CASES = {
@@ -262,6 +280,15 @@ CASES = {
     "adarankgrad": [("", dict(rank=RANK), adarankgrad)],
     "coap": [("", dict(rank=RANK), coap)],
     "gradnorm_lorp": [("", dict(rank=RANK), gradnorm_lorp)],
+    "gum": [
+        ("stacked", dict(rank=RANK, full_rank_layers=1,
+                         projection_mask={k: k == "stack" for k in SHAPES}),
+         lambda s: gum(s, ("stack",), 1)),
+        ("unscanned", dict(rank=RANK, full_rank_layers=1, num_layers=2,
+                           group_fn=lambda path: path,
+                           projection_mask={k: k in ("wide", "tall") for k in SHAPES}),
+         lambda s: gum(s, ("wide", "tall"), 1)),
+    ],
     "flora": [
         # Every matrix factored and compressed (bfloat16 momentum, the
         # default); the stack (min side 20) neither; nothing (the default

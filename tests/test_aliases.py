@@ -57,6 +57,10 @@ ALIASES = {
                                 dimension_numbers=DIMS),
     "gradnorm_lorp": lambda: ol.gradnorm_lorp(0.1, rank=4, update_proj_gap=2,
                                               dimension_numbers=DIMS),
+    "gum": lambda: ol.gum(0.1, rank=4, full_rank_layers=1, update_proj_gap=2,
+                          dimension_numbers=DIMS,
+                          projection_mask={"w": False, "v": False, "layers": True,
+                                           "b": False}),
 }
 
 
@@ -229,6 +233,7 @@ SMALL_KWARGS = {
     "coap": dict(rank=4),
     "golore": dict(rank=4),
     "gradnorm_lorp": dict(rank=4),
+    "gum": dict(rank=4, full_rank_layers=1, num_layers=2, group_fn=lambda path: path),
 }
 DECAY_MASK = {"w": True, "v": False, "b": False}
 PROJECTED = {"w": True, "v": True, "b": False}
@@ -379,6 +384,11 @@ BAD = {
     "switch_step": [-1, True],
     "exact_gradient": [1, "yes"],
     "reset_magnitude": [1, "yes"],
+    "full_rank_layers": [0, True, 1.5],
+    "num_layers": [1, True, 2.5],
+    "beta": [NAN, 1.0, -0.1, True],
+    "ns_steps": [0, True, 2.5],
+    "consistent_rms": [0.0, NAN, True],
 }
 BAD_FOR = {("flora", "b2"): [NAN, 0.0, INF, True],  # an exponent > 0
            ("vlorp", "projector"): ["random"]}  # None or a Projector
