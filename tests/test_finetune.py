@@ -306,6 +306,7 @@ def test_finetune_runs_from_our_checkpoint_and_resumes_exactly(tmp_path, capsys)
     (["--eval-mc", "/nonexistent.jsonl"], "--eval-mc"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--lr", "-1"], "--lr"),
+    (["--eval-batches", "4"], "--eval-batches"),
 ])
 def test_bad_flags_fail_with_one_line_naming_the_flag(tmp_path, argv, flag, capsys):
   (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation")
   g.add_argument("--eval-limit", type=int, default=None,
                  help="evaluate at most this many records of each eval file")
-  p.set_defaults(steps=200, lr=1e-3, eval_every=100, out="runs/finetune", ckpt_every=100)
+  # --eval-batches is pretraining's: None here, so that setting it is refused.
+  p.set_defaults(steps=200, lr=1e-3, eval_every=100, out="runs/finetune", ckpt_every=100,
+                 eval_batches=None)
   return p
 
 
@@ -66,6 +68,9 @@ def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None
     path = getattr(args, name)
     if path is not None and not os.path.isfile(path):
       error(f"--{name.replace('_', '-')}: file not found: {path}")
+  if args.eval_batches is not None:
+    error("--eval-batches: pretraining only; fine-tuning evaluates every record of "
+          "--eval-data/--eval-mc/--eval-gen (cap them with --eval-limit)")
   for name in ("max_new_tokens", "eval_limit"):
     if getattr(args, name) is not None and getattr(args, name) <= 0:
       error(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
