@@ -330,3 +330,48 @@ def test_a_bad_record_stops_the_program_in_one_line(tmp_path):
   with pytest.raises(SystemExit, match="--init-from: the run .* kept no checkpoints"):
     finetune.main(["--init-from", str(tmp_path / "run"), "--data",
                    str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "out")])
+
+
+def _hugging_face_dir(root):
+  """A tiny LLaMA-3.2-style directory (tied embeddings, grouped-query attention) written by
+  `models.save_pretrained`, with a word-level tokenizer.json; and its model."""
+  import models
+  from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+  words = ["<s>", "</s>", "<unk>", "plus", "is", "?"] + [str(i) for i in range(24)]
+  tokenizer = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)},
+                                             unk_token="<unk>"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  cfg = LlamaConfig(vocab_size=len(words), d_model=32, d_ff=64, num_heads=4,
+                    num_kv_heads=2, num_layers=2, max_seq_len=32, tie_embeddings=True,
+                    norm_eps=1e-5)
+  model = Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(4)))
+  models.save_pretrained(model, root / "hf")
+  tokenizer.save(str(root / "hf" / "tokenizer.json"))
+  return model
+
+
+def test_finetune_starts_from_a_hugging_face_directory(tmp_path):
+  model = _hugging_face_dir(tmp_path)
+  _instruction_files(tmp_path)
+  result = finetune.main(
+      ["--init-from", str(tmp_path / "hf"), "--data", str(tmp_path / "train.jsonl"),
+       "--eval-data", str(tmp_path / "train.jsonl"), "--eval-limit", "8",
+       "--optimizer", "galore", "--rank", "4", "--lr", "1e-2", "--steps", "2",
+       "--batch-size", "8", "--eval-every", "2", "--seq-len", "16",
+       "--out", str(tmp_path / "out")])
+  # Before training: the completion loss of the directory's weights under its own
+  # tokenizer (<s> first, </s> after the completion), recomputed in float64 from the
+  # in-memory model the directory was written from.
+  tok = data.BPETokenizer(str(tmp_path / "hf" / "tokenizer.json"))
+  assert (tok.bos_id, tok.eos_id) == (0, 1)
+  nll, count = 0.0, 0
+  for i in range(8):
+    prompt = [0] + [int(t) for t in tok.encode(f"{i} plus 1 is")]
+    completion = [int(t) for t in tok.encode(f" {i + 1}")] + [1]
+    tokens = np.asarray(prompt + completion, np.int32)
+    logits = np.asarray(model(jnp.asarray(tokens)[None]), np.float64)[0]
+    logp = _log_softmax(logits[:-1])[np.arange(len(tokens) - 1), tokens[1:]]
+    nll -= logp[len(prompt) - 1:].sum()
+    count += len(completion)
+  np.testing.assert_allclose(result["before"]["val_loss"], nll / count, rtol=1e-5)
+  assert result["after"]["val_loss"] < result["before"]["val_loss"]
