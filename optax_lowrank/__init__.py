@@ -26,6 +26,7 @@ from optax_lowrank.aliases import (
     golore,
     grass,
     osd,
+    owlore,
     q_galore,
     vlorp,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "moments",
     "optimizers",
     "osd",
+    "owlore",
     "projectors",
     "q_galore",
     "quantize",

@@ -27,6 +27,7 @@ optimizers = {
     "q_galore": aliases.q_galore,
     "coap": aliases.coap,
     "golore": aliases.golore,
+    "owlore": aliases.owlore,
 }
 
 STATIC_ARGS = {
