@@ -1733,6 +1733,8 @@ def golore(
 
 
 def _active_layers(name, value):
+  if value is None:
+    return value
   if isinstance(value, (bool, np.bool_)) or not (
       (isinstance(value, (int, np.integer)) and value >= 1)
       or (isinstance(value, float) and 0.0 < value <= 1.0)):
@@ -1760,15 +1762,15 @@ def _layer_weights(name, value):
 
 
 def _layer_of(name, value):
-  if not callable(value):
-    raise ValueError(f"`{name}` must be callable, got {value!r}")
+  if value is not None and not callable(value):
+    raise ValueError(f"`{name}` must be callable or None, got {value!r}")
   return value
 
 
 @_alias(static=("rank", "update_proj_gap", "proj_type", "active_layers",
                 "interval", "layer_weights", "layer_of"),
         checks={"active_layers": _active_layers,
-                "interval": _integer(1),
+                "interval": _integer(1, optional=True),
                 "outlier_threshold": _number(0.0, lo_open=True),
                 "layer_weights": _layer_weights,
                 "layer_of": _layer_of})
@@ -1776,11 +1778,11 @@ def owlore(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 256,
     *,
-    active_layers: Union[int, float] = 5 / 32,
-    interval: int = 50,
+    active_layers: Optional[Union[int, float]] = None,
+    interval: Optional[int] = None,
     layer_weights: Union[str, Any] = "owl",
     outlier_threshold: float = 13.0,
-    layer_of: Callable[[str], Any] = sampling.layer_of_path,
+    layer_of: Optional[Callable[[str], Any]] = None,
     update_proj_gap: int = 100,
     scale: Union[float, jax.Array] = 1.0,
     proj_type: Optional[str] = None,
@@ -1823,17 +1825,19 @@ def owlore(
       decay).
     rank: Subspace rank (int) or fraction of each matrix's smaller side.
     active_layers: Layers trained at a time, ``γ``: an int, or a float in
-      (0, 1] as a fraction of the layers, ``max(1, round(f·L))``; default
-      ``5/32``, the authors' 5 of 32.
-    interval: Steps between draws of the layers, ``K``.
+      (0, 1] as a fraction of the layers, ``max(1, round(f·L))``; ``None``
+      (default): ``5/32``, the authors' 5 of 32.
+    interval: Steps between draws of the layers, ``K``; ``None`` (default):
+      50.
     layer_weights: ``"owl"`` (outlier ratios of the weights), ``"uniform"``
       (LISA) or fixed non-negative ``(L,)`` weights (e.g. the authors'
       cached ratios).
     outlier_threshold: OWL's ``M``: an outlier exceeds ``M`` times its
       layer's mean magnitude.
     layer_of: ``layer_of(path_name)``: each leaf's layer, ``None`` or
-      ``sampling.STACKED`` (default ``sampling.layer_of_path``: ``layers/3/...``
-      and ``blocks_3/...`` are layer 3, ``layers/...`` is stacked).
+      ``sampling.STACKED``; ``None`` (default): ``sampling.layer_of_path``
+      (``layers/3/...`` and ``blocks_3/...`` are layer 3, ``layers/...`` is
+      stacked).
     update_proj_gap: Steps between SVD refreshes (see above).
     scale: GaLore's ``alpha`` on the back-projected update.
     proj_type: ``std`` (``None``, the default), ``reverse_std``, ``left``,
@@ -1862,6 +1866,9 @@ def owlore(
     for LLM Fine-tuning <https://arxiv.org/abs/2405.18380>`_, 2024; code:
     github.com/pixeli99/OwLore.
   """
+  active_layers = 5 / 32 if active_layers is None else active_layers
+  interval = 50 if interval is None else interval
+  layer_of = sampling.layer_of_path if layer_of is None else layer_of
   if isinstance(layer_weights, str):
     weights = None if layer_weights == "uniform" else functools.partial(
         sampling.outlier_ratios, threshold=outlier_threshold, layer_of=layer_of)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_lowrank import memory
 from optax_lowrank import shapes
 
 
@@ -171,35 +172,28 @@ def _layers(tree, layer_of: LayerOf) -> tuple[_Layers, Any]:
   return _Layers(names, of, depth.pop() if depth else 0), treedef
 
 
-def _owner(state_name: str, param_parts: list[tuple[str, ...]]) -> int:
-  """The parameter a state leaf belongs to: the longest parameter path found
-  as whole components in the state leaf's path (-1 if none)."""
-  parts = tuple(state_name.split("/"))
-  best, best_len = -1, 0
-  for i, p in enumerate(param_parts):
-    if len(p) <= best_len:
-      continue
-    if any(parts[j:j + len(p)] == p for j in range(len(parts) - len(p) + 1)):
-      best, best_len = i, len(p)
-  return best
+def _state_layers(state, params, layers: _Layers) -> list[Union[None, int, str]]:
+  """The layer of each state leaf: its parameter's (``None`` when shared).
 
-
-def _state_layers(state, layers: _Layers) -> list[Union[None, int, str]]:
-  """The layer of each state leaf: its parameter's (``None`` when shared)."""
-  param_parts = [tuple(n.split("/")) for n in layers.names]
+  A state leaf belongs to the parameter whose key path it contains, or, under
+  ``lowrank_project``'s bases, whose path name keys it (``memory.state_bytes``
+  attributes memory by the same rule).
+  """
+  param_paths = [tuple(p) for p, _ in jax.tree.flatten_with_path(params)[0]]
+  names = {name: i for i, name in enumerate(layers.names)}
   out = []
   for path, leaf in jax.tree.flatten_with_path(state)[0]:
-    name = shapes.path_name(path)
-    i = _owner(name, param_parts)
-    layer = None if i < 0 else layers.of[i]
+    i = memory._owner(tuple(path), param_paths, names)  # pylint: disable=protected-access
+    layer = None if i is None else layers.of[i]
     if layer == STACKED and (jnp.ndim(leaf) < 1
                              or leaf.shape[0] != layers.num_layers):
       raise ValueError(
-          f"The optimizer state leaf {name!r} (shape {jnp.shape(leaf)}) of "
-          f"the stacked leaf {layers.names[i]!r} has no leading layer axis of "
-          f"size {layers.num_layers}, so its layers cannot be kept apart; use "
-          "an inner optimizer whose state keeps the parameters' batch axes "
-          "(e.g. no int8 state for stacked layers).")
+          f"The optimizer state leaf {shapes.path_name(path)!r} (shape "
+          f"{jnp.shape(leaf)}) of the stacked leaf {layers.names[i]!r} has no "
+          f"leading layer axis of size {layers.num_layers}, so its layers "
+          "cannot be kept apart; use an inner optimizer whose state keeps the "
+          "parameters' batch axes (as lowrank_project and optax.scale_by_adam "
+          "do).")
     out.append(layer)
   return out
 
@@ -269,7 +263,7 @@ def outlier_ratios(params, *, threshold: float = 13.0,
         continue
       axes = tuple(range(1, a.ndim))
       total = total + jnp.sum(a, axis=axes)
-      size += a[0].size
+      size += math.prod(a.shape[1:])
     else:
       if a.ndim < 2:
         continue
@@ -444,7 +438,7 @@ def layerwise(
           f"`weights` has shape {fixed.shape}; the model has {num_layers} "
           "layers")
     inner_state, then_state = inner.init(params), then.init(params)
-    _state_layers((inner_state, then_state), layers)  # checks the layer axes
+    _state_layers((inner_state, then_state), params, layers)  # checks
     if fixed is not None and num_layers:
       start = jnp.asarray(fixed)
     else:
@@ -472,7 +466,8 @@ def layerwise(
             "`params` to update")
       layer_weights = jax.lax.cond(
           step == 0,
-          lambda p: jnp.asarray(weights(p), jnp.float32).reshape(num_layers),
+          lambda p: shapes.reshard_like(jnp.asarray(
+              weights(p), jnp.float32).reshape(num_layers), state.weights),
           lambda p: state.weights, params)
     active = state.active
     if num_layers:
@@ -524,7 +519,7 @@ def layerwise(
     kept = state_def.unflatten([
         _where_layer(active, layer, n, o) for n, o, layer in zip(
             new_leaves, state_def.flatten_up_to(old),
-            _state_layers(new, layers))])
+            _state_layers(new, updates, layers))])
     return out, LayerwiseState(
         count=count,
         weights=layer_weights,

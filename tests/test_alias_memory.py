@@ -225,6 +225,14 @@ def coap(s):
   return per_leaf, 3 * INT32
 
 
+def owlore(s, num_layers):
+  """GaLore's state (HF Adam: its count and the lowrank count), the layer-wise
+  wrapper's count, and per layer a float32 sampling weight, a bool (drawn) and an
+  int32 step count."""
+  per_leaf, _ = galore(s)
+  return per_leaf, 3 * INT32 + num_layers * (FLOAT32 + 1 + INT32)
+
+
 # name → [(case, kwargs, formula(itemsize) -> (per-leaf bytes, shared bytes))]
 CASES = {
     "galore": [("", dict(rank=RANK), galore)],
@@ -248,6 +256,12 @@ CASES = {
     "grass": [("", dict(rank=RANK), grass)],
     "adarankgrad": [("", dict(rank=RANK), adarankgrad)],
     "coap": [("", dict(rank=RANK), coap)],
+    "owlore": [
+        ("no-layers", dict(rank=RANK), lambda s: owlore(s, 0)),
+        ("stacked", dict(rank=RANK, layer_of=lambda path: (
+            ol.sampling.STACKED if path == "stack" else None)),
+         lambda s: owlore(s, 3)),
+    ],
     "flora": [
         # Every matrix factored and compressed (bfloat16 momentum, the
         # default); the stack (min side 20) neither; nothing (the default

@@ -55,6 +55,9 @@ ALIASES = {
                             dimension_numbers=DIMS),
     "golore": lambda: ol.golore(0.1, rank=4, update_proj_gap=2, switch_step=2,
                                 dimension_numbers=DIMS),
+    # "layers" is a stack of 4 layers, 2 trained at a time.
+    "owlore": lambda: ol.owlore(0.1, rank=4, active_layers=2, interval=2,
+                                update_proj_gap=2, dimension_numbers=DIMS),
 }
 
 
@@ -226,6 +229,7 @@ SMALL_KWARGS = {
     "q_galore": dict(rank=4),
     "coap": dict(rank=4),
     "golore": dict(rank=4),
+    "owlore": dict(rank=4),
 }
 DECAY_MASK = {"w": True, "v": False, "b": False}
 PROJECTED = {"w": True, "v": True, "b": False}
@@ -368,6 +372,11 @@ BAD = {
     "queue_size": [0],
     "reproject_factor": [0, True],
     "switch_step": [-1, True],
+    "active_layers": [0, True, 1.5, 0.0, NAN, "2"],
+    "interval": [0, True, 2.5],
+    "layer_weights": ["norm", [1.0, -1.0], [NAN], []],
+    "outlier_threshold": [0.0, -1.0, NAN, INF, True],
+    "layer_of": [3, "layers"],
 }
 BAD_FOR = {("flora", "b2"): [NAN, 0.0, INF, True],  # an exponent > 0
            ("vlorp", "projector"): ["random"]}  # None or a Projector

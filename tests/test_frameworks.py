@@ -130,6 +130,7 @@ NNX_CONFIGS = {
     "q_galore": lambda dims: ol.q_galore(1e-1, rank=RANK, dimension_numbers=dims),
     "coap": lambda dims: ol.coap(1e-1, rank=RANK, dimension_numbers=dims),
     "golore": lambda dims: ol.golore(1e-1, rank=RANK, dimension_numbers=dims),
+    "owlore": lambda dims: ol.owlore(1e-1, rank=RANK, dimension_numbers=dims),
     # Any optax optimizer in the subspace, chained with a learning rate.
     "lowrank_project": lambda dims: optax.chain(
         ol.lowrank_project(optax.scale_by_adam(), rank=RANK,

@@ -285,7 +285,7 @@ _OPT_ARGS = {"galore": "rank=4", "fira": "rank=4", "apollo": "rank=4",
              "flora": "rank=4,min_dim_size_to_factor=16",
              "osd": "rank=4", "dct_adamw": "rank=4", "grass": "rank=4",
              "adarankgrad": "rank=4", "galore_8bit": "rank=4", "q_galore": "rank=4",
-             "coap": "rank=4", "golore": "rank=4", "vlorp": "granularity=4"}  # the test model's sides are 64 and 160
+             "coap": "rank=4", "golore": "rank=4", "owlore": "rank=4", "vlorp": "granularity=4"}  # the test model's sides are 64 and 160
 
 
 @pytest.mark.parametrize("name", sorted(__import__("optax_lowrank").optimizers))
