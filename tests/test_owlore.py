@@ -18,6 +18,8 @@ from optax_lowrank import sampling
 from tests.reference.owlore import RefOwLore, owl_outlier_ratio
 
 L, K, RANK, LR, STEPS = 3, 1, 2, 1e-2, 8
+# Subspaces are renewed every gcd(INTERVAL, GAP) = 2 steps: at every draw.
+INTERVAL, GAP = 2, 4
 DN = ol.DimensionNumbers(1, 2)  # stacked kernels (layers, in, out)
 # Kernels (in, out): torch's weight is the transpose.
 LAYER = {"attn/q/kernel": (8, 12), "mlp/up/kernel": (12, 8), "norm/scale": (8,)}
@@ -130,7 +132,7 @@ def test_layers_are_drawn_by_owl_ratio_once_for_every_matrix_stacked_or_not():
   """The drawn layers are the same for every matrix of a layer, and the same whether
   the layers are stacked or a list of blocks; the weights are the first parameters'
   OWL ratios; a layer without outliers is never drawn (k = 1 < 2 layers with some)."""
-  runs = {fn.__name__: _run(fn, 2, 2)
+  runs = {fn.__name__: _run(fn, INTERVAL, GAP)
           for fn in (_stacked, _unscanned)}
   layers, always = _planted(0)
   ratios = [owl_outlier_ratio([layers[(l, n)] for n in GALORE], 13.0) for l in range(L)]
@@ -153,7 +155,7 @@ def test_layers_are_drawn_by_owl_ratio_once_for_every_matrix_stacked_or_not():
 
 def test_frozen_layers_keep_their_state_bit_for_bit():
   for tree_fn, stacked in ((_stacked, True), (_unscanned, False)):
-    history = _run(tree_fn, 2, 2)
+    history = _run(tree_fn, INTERVAL, GAP)
     frozen_steps = 0
     for *_, u, old, new in history:
       active = np.asarray(new[0].active)
@@ -173,16 +175,15 @@ def test_frozen_layers_keep_their_state_bit_for_bit():
     assert frozen_steps >= STEPS * (L - K) - 1
 
 
-def _compare(interval, gap, ref_gap, per_parameter_refresh, **ref_kw):
-  history = _run(_stacked, interval, gap)
+def _compare(ref_gap, **ref_kw):
+  history = _run(_stacked, INTERVAL, GAP)
   ref = RefOwLore(L, list(LAYER), list(ALWAYS), GALORE, rank=RANK, gap=ref_gap,
-                  interval=interval, lr=LR, per_parameter_refresh=per_parameter_refresh,
-                  **ref_kw)
+                  interval=INTERVAL, lr=LR, **ref_kw)
   errors, redrawn = [], False
   for g_layers, g_always, u, _, new in history:
     active = list(np.flatnonzero(np.asarray(new[0].active)))
-    redrawn |= any(ref.layers[l]["attn/q/kernel"].step > 0 and l not in ref.active
-                   for l in active) and ref.global_step % interval == 0
+    redrawn |= ref.global_step % INTERVAL == 0 and any(
+        ref.layers[l]["attn/q/kernel"].step > 0 and l not in ref.active for l in active)
     torch = lambda x: np.asarray(x, np.float64).T
     want_layers, want_always = ref.step(
         [{n: torch(g_layers[(l, n)]) for n in LAYER} for l in range(L)],
@@ -199,26 +200,19 @@ def _compare(interval, gap, ref_gap, per_parameter_refresh, **ref_kw):
 
 
 def test_updates_match_the_authors_code_with_negative_controls():
-  """interval = update_proj_gap: each layer's subspace is renewed at the start of
-  each period it is drawn in both codes. A layer drawn again after a frozen period
+  """Every update against the authors' code with update_proj_gap = interval = 2 (each
+  layer's subspace renewed at the start of every period it is drawn in, which is this
+  alias's rule for gap 4: gcd(2, 4) = 2). A layer drawn again after a frozen period
   continues its own step count (bias correction)."""
-  errors, redrawn = _compare(2, 2, 2, True)
+  errors, redrawn = _compare(INTERVAL)
   assert redrawn
   assert errors.max() <= 2e-5, errors.max()
-  # Negative controls: the global step in the bias correction, or no freezing.
-  for kw in (dict(global_step_count=True), dict(frozen=False)):
-    wrong, _ = _compare(2, 2, 2, True, **kw)
-    assert wrong.max() > 0.05, (kw, wrong.max())
-
-
-def test_subspaces_refresh_every_gcd_of_interval_and_gap():
-  """The documented difference: with interval 2 and update_proj_gap 4 the library
-  renews subspaces every gcd = 2 global steps; the authors' per-parameter projector
-  every 4 of the parameter's own steps."""
-  errors, _ = _compare(2, 4, 2, False)
-  assert errors.max() <= 2e-5, errors.max()
-  authors, _ = _compare(2, 4, 4, True)
-  assert authors.max() > 0.05, authors.max()
+  # Negative controls: the global step in the bias correction, no freezing, and the
+  # documented difference: the authors' per-parameter refresh every GAP own steps.
+  for ref_gap, kw in ((INTERVAL, dict(global_step_count=True)),
+                      (INTERVAL, dict(frozen=False)), (GAP, {})):
+    wrong, _ = _compare(ref_gap, **kw)
+    assert wrong.max() > 0.05, (ref_gap, kw, wrong.max())
 
 
 def test_bad_layouts_and_arguments_name_the_problem():

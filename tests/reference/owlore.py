@@ -22,9 +22,8 @@ Written from the authors' code, pixeli99/OwLore, not from this library:
   ``scale``; ``p -= lr · sqrt(1 − b2^step) / (1 − b1^step) · N`` (weight decay 0, the
   default).
 
-``per_parameter_refresh=False`` refreshes on global steps instead (the library's
-documented choice, ``gcd(interval, update_proj_gap)``); ``global_step_count=True``
-bias-corrects by the global step (a negative control).
+``global_step_count=True`` bias-corrects by the global step and ``frozen=False`` trains
+every layer (negative controls).
 """
 
 import math
@@ -48,14 +47,12 @@ class RefParam:
     self.p = self.right = None
     self.m = self.v = None
 
-  def update(self, g, lr, refresh=None, count=None):
-    """The update of one step on torch-oriented gradient ``g``; ``refresh`` overrides
-    the per-parameter rule, ``count`` the step used in the bias correction."""
+  def update(self, g, lr, count=None):
+    """The update of one step on torch-oriented gradient ``g``; ``count`` overrides
+    the step used in the bias correction."""
     g = np.asarray(g, np.float64)
     if self.rank is not None:
-      if refresh is None:
-        refresh = self.step % self.gap == 0
-      if refresh:
+      if self.step % self.gap == 0:
         u, _, vh = np.linalg.svd(g, full_matrices=False)
         # Kept moments make the singular vectors' signs matter; torch leaves them to
         # LAPACK. The library's documented convention: each left singular vector's
@@ -87,22 +84,19 @@ class RefOwLore:
   """
 
   def __init__(self, num_layers, layer_names, always_names, galore, *, rank, gap,
-               interval, lr, scale=1.0, per_parameter_refresh=True,
-               global_step_count=False, frozen=True):
+               interval, lr, scale=1.0, global_step_count=False, frozen=True):
     def make(name):
       return RefParam(rank if name in galore else None, gap=gap, scale=scale)
     self.layers = [{n: make(n) for n in layer_names} for _ in range(num_layers)]
     self.always = {n: make(n) for n in always_names}
     self.interval, self.gap, self.lr = interval, gap, lr
-    self.per_parameter_refresh = per_parameter_refresh
     self.global_step_count, self.frozen = global_step_count, frozen
     self.global_step = 0
     self.active = []
 
   def _update(self, param, g):
-    refresh = None if self.per_parameter_refresh else self.global_step % self.gap == 0
     count = self.global_step + 1 if self.global_step_count else None
-    return param.update(g, self.lr, refresh=refresh, count=count)
+    return param.update(g, self.lr, count=count)
 
   def step(self, layer_grads, always_grads, active):
     if self.global_step % self.interval == 0:
