@@ -1866,6 +1866,10 @@ def owlore(
     for LLM Fine-tuning <https://arxiv.org/abs/2405.18380>`_, 2024; code:
     github.com/pixeli99/OwLore.
   """
+  if options.stagger:
+    raise ValueError(
+        "`stagger` must be False for owlore: a layer drawn at a step where its "
+        "refresh is not due would start from a zero basis")
   active_layers = 5 / 32 if active_layers is None else active_layers
   interval = 50 if interval is None else interval
   layer_of = sampling.layer_of_path if layer_of is None else layer_of

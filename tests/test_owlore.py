@@ -232,6 +232,7 @@ def test_bad_layouts_and_arguments_name_the_problem():
                         (dict(outlier_threshold=0.0), "`outlier_threshold`"),
                         (dict(layer_weights="norm"), "`layer_weights`"),
                         (dict(layer_weights=[1.0, -1.0]), "`layer_weights`"),
-                        (dict(layer_of=3), "`layer_of`")):
+                        (dict(layer_of=3), "`layer_of`"),
+                        (dict(stagger=True), "`stagger`")):
     with pytest.raises(ValueError, match=match):
       ol.owlore(LR, **kwargs)
