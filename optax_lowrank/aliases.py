@@ -1751,10 +1751,12 @@ def _layer_weights(name, value):
           f"`{name}` must be 'owl', 'uniform' or non-negative per-layer "
           f"weights, got {value!r}")
     return value
-  weights = np.asarray(value, np.float64) if not _is_array(value) else value
-  if (not _is_array(value) and (weights.ndim != 1 or weights.size == 0
-                                or not np.all(np.isfinite(weights))
-                                or not np.all(weights >= 0))):
+  try:  # static (never traced): numbers, lists or arrays
+    weights = np.asarray(value, np.float64)
+  except (TypeError, ValueError):
+    weights = np.zeros((0,))
+  if (weights.ndim != 1 or weights.size == 0
+      or not np.all(np.isfinite(weights)) or not np.all(weights >= 0)):
     raise ValueError(
         f"`{name}` must be 'owl', 'uniform' or non-negative per-layer "
         f"weights, got {value!r}")

@@ -236,3 +236,17 @@ def test_bad_layouts_and_arguments_name_the_problem():
                         (dict(stagger=True), "`stagger`")):
     with pytest.raises(ValueError, match=match):
       ol.owlore(LR, **kwargs)
+
+
+def test_fixed_weights_draw_only_the_weighted_layers():
+  """``weights`` given as numbers (``owlore(layer_weights=...)``, e.g. the authors'
+  cached ratios): only layers of positive weight are drawn while there are k of them."""
+  params = {"layers": [{"w": jnp.ones((2, 2))} for _ in range(3)]}
+  tx = sampling.layerwise(optax.identity(), 1, interval=1, weights=[0.0, 2.0, 0.0])
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(params, state, params)
+    np.testing.assert_array_equal(state.active, [False, True, False])
+    assert [float(u["w"].sum()) for u in updates["layers"]] == [0.0, 4.0, 0.0]
+  with pytest.raises(ValueError, match="`weights` has shape"):
+    sampling.layerwise(optax.identity(), 1, interval=1, weights=[1.0, 2.0]).init(params)
