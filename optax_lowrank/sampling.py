@@ -6,6 +6,14 @@ chosen layers differently from the rest. Every matrix of a layer must see the
 same choice: draw it from a key that all of them share (a group key of
 ``lowrank_project``'s ``group_fn``, or one key per step), so that each leaf,
 stacked ``(L, ...)`` or one of a list of unscanned blocks, reads the same mask.
+
+- ``choose_layers``: the draw (Gumbel-top-k).
+- ``layer_of_path``: which layer a leaf belongs to, from its path.
+- ``outlier_ratios``: OWL's per-layer outlier ratio of the weights (OwLore's
+  sampling weights).
+- ``layerwise``: a wrapper (like ``optax.masked``) that trains the drawn
+  layers with any inner optimizer and freezes the others, their state kept
+  bit for bit (LISA, OwLore).
 """
 
 from __future__ import annotations
