@@ -218,6 +218,14 @@ def make_optimizers(rank: int, gap: int, mask_fn: Callable,
           "Muon on G - PP^T G (one m x n buffer per unscanned matrix), the "
           "others Muon in the subspace; Adam on the other leaves",
       ),
+      "optax_lowrank.owlore": dict(
+          tx=optax_lowrank.owlore(
+              1e-3, rank=rank, update_proj_gap=gap, projection_mask=mask_fn),
+          galore=True,
+          projects="as galore's mask; GaLore-AdamW in round(5/32 L) layers "
+          "drawn every 50 steps by OWL ratio, the other layers' update and "
+          "state selected back (all gradients still computed)",
+      ),
       "optax.contrib.galore": dict(
           tx=contrib.galore(
               learning_rate=1e-3, rank=rank, update_proj_gap=gap, scale=0.25,

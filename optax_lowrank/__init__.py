@@ -31,6 +31,7 @@ from optax_lowrank.aliases import (
     grass,
     gum,
     osd,
+    owlore,
     q_galore,
     vlorp,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "newton_schulz",
     "optimizers",
     "osd",
+    "owlore",
     "projectors",
     "q_galore",
     "quantize",

@@ -63,14 +63,15 @@ import numpy as np
 import optax
 
 from optax_lowrank import blockwise
-from optax_lowrank import unbiased as gum_lib
 from optax_lowrank import combine as combine_lib
 from optax_lowrank import inner as inner_lib
 from optax_lowrank import moments
 from optax_lowrank import projectors as projectors_lib
 from optax_lowrank import quantize as quantize_lib
+from optax_lowrank import sampling
 from optax_lowrank import schedules as schedules_lib
 from optax_lowrank import shapes
+from optax_lowrank import unbiased as gum_lib
 from optax_lowrank import weight_norm as weight_norm_lib
 from optax_lowrank.core import lowrank_project
 from optax_lowrank.projectors import Projector
@@ -1948,6 +1949,177 @@ def gum(
                unprojected=optax.scale_by_adam(b1=b1, b2=b2, eps=eps)),
       *_decay_and_learning_rate(options, weight_decay, learning_rate),
   )
+
+# doctest does not look into functools.partial objects: run their examples.
+__test__ = {"apollo_mini": apollo_mini.__doc__,
+            "galore_8bit": galore_8bit.__doc__}
+
+
+def _active_layers(name, value):
+  if value is None:
+    return value
+  if isinstance(value, (bool, np.bool_)) or not (
+      (isinstance(value, (int, np.integer)) and value >= 1)
+      or (isinstance(value, float) and 0.0 < value <= 1.0)):
+    raise ValueError(
+        f"`{name}` must be an int >= 1 or a float fraction in (0, 1], got "
+        f"{value!r}")
+  return int(value) if isinstance(value, (int, np.integer)) else value
+
+
+def _layer_weights(name, value):
+  if isinstance(value, str):
+    if value not in ("owl", "uniform"):
+      raise ValueError(
+          f"`{name}` must be 'owl', 'uniform' or non-negative per-layer "
+          f"weights, got {value!r}")
+    return value
+  try:  # static (never traced): numbers, lists or arrays
+    weights = np.asarray(value, np.float64)
+  except (TypeError, ValueError):
+    weights = np.zeros((0,))
+  if (weights.ndim != 1 or weights.size == 0
+      or not np.all(np.isfinite(weights)) or not np.all(weights >= 0)):
+    raise ValueError(
+        f"`{name}` must be 'owl', 'uniform' or non-negative per-layer "
+        f"weights, got {value!r}")
+  return value
+
+
+def _layer_of(name, value):
+  if value is not None and not callable(value):
+    raise ValueError(f"`{name}` must be callable or None, got {value!r}")
+  return value
+
+
+@_alias(static=("rank", "update_proj_gap", "proj_type", "active_layers",
+                "interval", "layer_weights", "layer_of"),
+        checks={"active_layers": _active_layers,
+                "interval": _integer(1, optional=True),
+                "outlier_threshold": _number(0.0, lo_open=True),
+                "layer_weights": _layer_weights,
+                "layer_of": _layer_of})
+def owlore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Union[int, float] = 256,
+    *,
+    active_layers: Optional[Union[int, float]] = None,
+    interval: Optional[int] = None,
+    layer_weights: Union[str, Any] = "owl",
+    outlier_threshold: float = 13.0,
+    layer_of: Optional[Callable[[str], Any]] = None,
+    update_proj_gap: int = 100,
+    scale: Union[float, jax.Array] = 1.0,
+    proj_type: Optional[str] = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    options: AliasOptions,
+) -> optax.GradientTransformationExtraArgs:
+  """OwLore: GaLore-AdamW in a few layers at a time, drawn by outlier ratio.
+
+  At step 0 and every ``interval`` steps, ``active_layers`` of the model's
+  layers are drawn without replacement with probability proportional to each
+  layer's outlier ratio (OWL, ``sampling.outlier_ratios`` of the weights at
+  the first update, ``M = outlier_threshold``), the same layers for every
+  matrix of a layer, stacked or unscanned (``sampling.layerwise``). The drawn
+  layers take GaLore-AdamW steps; the others are frozen, their optimizer
+  state (bases, moments, step count) kept unchanged; leaves in no layer
+  (embeddings, final norm, LM head) are trained every step.
+
+  Follows the authors' code (pixeli99/OwLore: LMFlow's LISA callback with
+  ``lisa_prob_mode=owl`` and galore-torch's ``GaLoreAdamW``; their script
+  ``run_owlore_low_rank.sh``: 5 of LLaMA-2-7B's 32 layers, interval 50,
+  rank 256, ``update_proj_gap`` 100, scale 1, lr 3e-4): the Hugging Face AdamW
+  step (``eps`` on the uncorrected ``√v``) with each layer's bias correction
+  by its own step count (PyTorch's per-parameter ``step`` advances only with
+  a gradient). Documented differences: (1) the code reads cached ratios
+  computed by OWL from weights times calibration activations; here they come
+  from ``|W|`` alone (or pass ``layer_weights``); all-zero ratios (a freshly
+  initialized model has no weight ``M`` times the mean) fall back to uniform
+  where ``numpy`` would fail; (2) subspaces are refreshed every
+  ``gcd(interval, update_proj_gap)`` steps (at every draw at least), where
+  each galore-torch parameter refreshes every ``update_proj_gap`` of its own
+  steps: with 50 and 100, every period a layer is drawn starts from a fresh
+  SVD, instead of every second one; (3) weight decay (0 by default, as
+  ``GaLoreAdamW``) uses the parameter before the step.
+
+  Args:
+    learning_rate: A float or an optax schedule (the authors': 3e-4, linear
+      decay).
+    rank: Subspace rank (int) or fraction of each matrix's smaller side.
+    active_layers: Layers trained at a time, ``γ``: an int, or a float in
+      (0, 1] as a fraction of the layers, ``max(1, round(f·L))``; ``None``
+      (default): ``5/32``, the authors' 5 of 32.
+    interval: Steps between draws of the layers, ``K``; ``None`` (default):
+      50.
+    layer_weights: ``"owl"`` (outlier ratios of the weights), ``"uniform"``
+      (LISA) or fixed non-negative ``(L,)`` weights (e.g. the authors'
+      cached ratios).
+    outlier_threshold: OWL's ``M``: an outlier exceeds ``M`` times its
+      layer's mean magnitude.
+    layer_of: ``layer_of(path_name)``: each leaf's layer, ``None`` or
+      ``sampling.STACKED``; ``None`` (default): ``sampling.layer_of_path``
+      (``layers/3/...`` and ``blocks_3/...`` are layer 3, ``layers/...`` is
+      stacked).
+    update_proj_gap: Steps between SVD refreshes (see above).
+    scale: GaLore's ``alpha`` on the back-projected update.
+    proj_type: ``std`` (``None``, the default), ``reverse_std``, ``left``,
+      ``right`` or ``full``.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, on the uncorrected ``√v``.
+    weight_decay: Decoupled weight decay of the trained leaves.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_lowrank
+    >>> params = {"embed": jnp.ones((64, 16)),
+    ...           "layers": {"w": jnp.ones((4, 16, 32))}}
+    >>> dims = {"embed": None,
+    ...         "layers": {"w": optax_lowrank.DimensionNumbers(1, 2)}}
+    >>> tx = optax_lowrank.owlore(3e-4, rank=4, active_layers=2,
+    ...                           dimension_numbers=dims)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+
+  References:
+    Li et al., `OwLore: Outlier-weighed Layerwise Sampled Low-Rank Projection
+    for LLM Fine-tuning <https://arxiv.org/abs/2405.18380>`_, 2024; code:
+    github.com/pixeli99/OwLore.
+  """
+  if options.stagger:
+    raise ValueError(
+        "`stagger` must be False for owlore: a layer drawn at a step where its "
+        "refresh is not due would start from a zero basis")
+  active_layers = 5 / 32 if active_layers is None else active_layers
+  interval = 50 if interval is None else interval
+  layer_of = sampling.layer_of_path if layer_of is None else layer_of
+  if isinstance(layer_weights, str):
+    weights = None if layer_weights == "uniform" else functools.partial(
+        sampling.outlier_ratios, threshold=outlier_threshold, layer_of=layer_of)
+  else:
+    weights = layer_weights
+  inner = inner_lib.scale_by_adam_uncorrected(b1, b2, eps)
+  return optax.chain(
+      sampling.layerwise(
+          _project(options, inner, rank,
+                   update_proj_gap=math.gcd(interval, update_proj_gap),
+                   scale=scale, projector=projectors_lib.svd(_side(proj_type)),
+                   on_refresh="keep"),
+          active_layers,
+          interval=interval,
+          weights=weights,
+          layer_of=layer_of,
+          bias_correction=(b1, b2),
+          then=optax.add_decayed_weights(weight_decay, options.mask),
+          seed=options.seed),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
 
 # doctest does not look into functools.partial objects: run their examples.
 __test__ = {"apollo_mini": apollo_mini.__doc__,

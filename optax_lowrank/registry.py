@@ -29,6 +29,7 @@ optimizers = {
     "golore": aliases.golore,
     "gradnorm_lorp": aliases.gradnorm_lorp,
     "gum": aliases.gum,
+    "owlore": aliases.owlore,
 }
 
 STATIC_ARGS = {

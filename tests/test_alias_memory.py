@@ -254,6 +254,12 @@ def gum(s, projected, slots):
       per_leaf[k] = _full_adam(k, s)
   # lowrank_project's step count and scale_by_adam's.
   return per_leaf, 2 * INT32
+def owlore(s, num_layers):
+  """GaLore's state (HF Adam: its count and the lowrank count), the layer-wise
+  wrapper's count, and per layer a float32 sampling weight, a bool (drawn) and an
+  int32 step count."""
+  per_leaf, _ = galore(s)
+  return per_leaf, 3 * INT32 + num_layers * (FLOAT32 + 1 + INT32)
 
 
 # name → [(case, kwargs, formula(itemsize) -> (per-leaf bytes, shared bytes))]
@@ -288,6 +294,12 @@ CASES = {
                            group_fn=lambda path: path,
                            projection_mask={k: k in ("wide", "tall") for k in SHAPES}),
          lambda s: gum(s, ("wide", "tall"), 1)),
+    ],
+    "owlore": [
+        ("no-layers", dict(rank=RANK), lambda s: owlore(s, 0)),
+        ("stacked", dict(rank=RANK, layer_of=lambda path: (
+            ol.sampling.STACKED if path == "stack" else None)),
+         lambda s: owlore(s, 3)),
     ],
     "flora": [
         # Every matrix factored and compressed (bfloat16 momentum, the

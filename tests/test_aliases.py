@@ -61,6 +61,9 @@ ALIASES = {
                           dimension_numbers=DIMS,
                           projection_mask={"w": False, "v": False, "layers": True,
                                            "b": False}),
+    # "layers" is a stack of 4 layers, 2 trained at a time.
+    "owlore": lambda: ol.owlore(0.1, rank=4, active_layers=2, interval=2,
+                                update_proj_gap=2, dimension_numbers=DIMS),
 }
 
 
@@ -234,6 +237,7 @@ SMALL_KWARGS = {
     "golore": dict(rank=4),
     "gradnorm_lorp": dict(rank=4),
     "gum": dict(rank=4, full_rank_layers=1, num_layers=2, group_fn=lambda path: path),
+    "owlore": dict(rank=4),
 }
 DECAY_MASK = {"w": True, "v": False, "b": False}
 PROJECTED = {"w": True, "v": True, "b": False}
@@ -389,6 +393,11 @@ BAD = {
     "beta": [NAN, 1.0, -0.1, True],
     "ns_steps": [0, True, 2.5],
     "consistent_rms": [0.0, NAN, True],
+    "active_layers": [0, True, 1.5, 0.0, NAN, "2"],
+    "interval": [0, True, 2.5],
+    "layer_weights": ["norm", [1.0, -1.0], [NAN], []],
+    "outlier_threshold": [0.0, -1.0, NAN, INF, True],
+    "layer_of": [3, "layers"],
 }
 BAD_FOR = {("flora", "b2"): [NAN, 0.0, INF, True],  # an exponent > 0
            ("vlorp", "projector"): ["random"]}  # None or a Projector

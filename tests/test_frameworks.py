@@ -136,6 +136,7 @@ NNX_CONFIGS = {
     # keeps an m x n full-rank buffer (float32), so rank 2 keeps it under STATE_FRACTION.
     "gum": lambda dims: ol.gum(1e-1, rank=2, num_layers=8, full_rank_layers=2,
                                group_fn=lambda path: path, dimension_numbers=dims),
+    "owlore": lambda dims: ol.owlore(1e-1, rank=RANK, dimension_numbers=dims),
     # Any optax optimizer in the subspace, chained with a learning rate.
     "lowrank_project": lambda dims: optax.chain(
         ol.lowrank_project(optax.scale_by_adam(), rank=RANK,

@@ -287,7 +287,8 @@ _OPT_ARGS = {"galore": "rank=4", "fira": "rank=4", "apollo": "rank=4",
              "adarankgrad": "rank=4", "galore_8bit": "rank=4", "q_galore": "rank=4",
              "coap": "rank=4", "golore": "rank=4", "gradnorm_lorp": "rank=4",
              "vlorp": "granularity=4",
-             "gum": "rank=4,full_rank_layers=1"}  # the test model's sides are 64 and 160
+             "gum": "rank=4,full_rank_layers=1",
+             "owlore": "rank=4"}  # the test model's sides are 64 and 160
 
 
 @pytest.mark.parametrize("name", sorted(__import__("optax_lowrank").optimizers))
