@@ -68,6 +68,13 @@ class Projector(NamedTuple):
       step's gradient; the inner optimizer must then keep exactly one
       (``mu``, ``trace`` or ``momentum``, see ``moments.FIRST_MOMENT_FIELDS``)
       per projected leaf.
+    due: ``None`` (``lowrank_project``'s schedule decides when the leaf
+      refreshes), or ``due(step, g, basis) -> bool (batch...)``: which
+      matrices of the leaf renew their subspace at this step, decided from
+      the float32 gradient every step (``schedules.on_convergence``). The
+      leaf's ``lax.cond`` runs ``refresh`` when any is due; ``refresh`` must
+      then renew only the due matrices and keep the others' basis as it
+      was, and the refresh policy acts on the due matrices only.
   """
 
   init: Callable[[MatrixInfo, Any], Basis]
@@ -75,6 +82,7 @@ class Projector(NamedTuple):
   down: Callable[[Basis, jax.Array], jax.Array]
   up: Callable[[Basis, jax.Array], jax.Array]
   reads_first_moment: bool = False
+  due: Optional[Callable[[jax.Array, jax.Array, Basis], jax.Array]] = None
 
 
 def check_wrappable(projector: Projector, wrapper: str) -> None:
@@ -88,6 +96,11 @@ def check_wrappable(projector: Projector, wrapper: str) -> None:
   if not isinstance(projector, Projector):
     raise ValueError(
         f"`projector` must be a Projector (for {wrapper}), got {projector!r}")
+  if projector.due is not None:
+    raise ValueError(
+        f"{wrapper} cannot wrap a projector that decides its own refreshes "
+        "(due, e.g. schedules.on_convergence); wrap the other way round, "
+        f"schedules.on_convergence({wrapper}(projector), ...).")
   if projector.reads_first_moment:
     raise ValueError(
         f"{wrapper} cannot wrap a projector that reads the inner optimizer's "
