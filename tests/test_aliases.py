@@ -368,6 +368,7 @@ BAD = {
     "queue_size": [0],
     "reproject_factor": [0, True],
     "switch_step": [-1, True],
+    "switch_threshold": [-1.0, NAN, INF, True],
 }
 BAD_FOR = {("flora", "b2"): [NAN, 0.0, INF, True],  # an exponent > 0
            ("vlorp", "projector"): ["random"]}  # None or a Projector
