@@ -272,20 +272,28 @@ def _project_leaf(projector: Projector, plan: shapes.LeafPlan, g, basis, *,
   """
   g2 = plan.layout.matricize(g)
   if refresh is not None and projector.due is not None:
-    due = projector.due(ctx.step, g2.astype(jnp.float32), basis) & refresh
+    r = projector.down(basis, g2)
+    due = projector.due(ctx.step, r, basis) & refresh
     refresh = jnp.any(due)
+    ctx = ctx._replace(due=due)
     # A matrix with a non-finite gradient keeps its basis (``_refresh``).
     finite = jnp.all(jnp.isfinite(g2), axis=(-2, -1))
     refreshed = due & shapes.reshard_like(finite, due)
-  else:
-    refreshed = refresh
+    basis = jax.lax.cond(
+        refresh,
+        lambda ctx, g, b: _refresh(projector, ctx, g, b),
+        lambda ctx, g, b: b,
+        ctx, g2, basis)
+    # ``r`` again only where a basis changed.
+    r = jax.lax.cond(refresh, projector.down, lambda b, g: r, basis, g2)
+    return _Projected(g2, basis, r, refreshed)
   if refresh is not None:
     basis = jax.lax.cond(
         refresh,
         lambda ctx, g, b: _refresh(projector, ctx, g, b),
         lambda ctx, g, b: b,
         ctx, g2, basis)
-  return _Projected(g2, basis, projector.down(basis, g2), refreshed)
+  return _Projected(g2, basis, projector.down(basis, g2), refresh)
 
 
 def _changed_matrices(old, new, batch_shape) -> jax.Array:

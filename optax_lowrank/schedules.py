@@ -391,8 +391,8 @@ def on_convergence(
             "choice for the whole leaf). Use an SVD-type projector.")
     return ConvergenceBasis(basis, info.zeros("", jnp.int32) - 1)
 
-  def due(step, g, state):
-    r = projector.down(state.basis, g).astype(jnp.float32)
+  def due(step, r, state):
+    r = r.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(r), axis=(-2, -1)))
     norm = shapes.reshard_like(norm, state.switched_at)
     return ((state.switched_at < 0)
@@ -400,7 +400,9 @@ def on_convergence(
             | (norm <= switch_threshold))
 
   def refresh(ctx, g, state):
-    switch = due(ctx.step, g, state)
+    switch = ctx.due
+    if switch is None:  # called without the hook (``lowrank_project`` asks)
+      switch = due(ctx.step, projector.down(state.basis, g), state)
     new = projector.refresh(ctx, g, state.basis)
     basis = jax.tree.map(
         lambda n, o: jnp.where(_per_matrix(switch, o), n.astype(o.dtype), o),
