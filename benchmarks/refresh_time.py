@@ -28,7 +28,11 @@ defaults otherwise):
   AdamW step on the online-PCA loss: its "refresh" is step 0 and its steady
   step already moves the basis, so amortized = steady (no gap);
 * ``adarankgrad``: randomized SVD (power_iters 2) plus the rank rule
-  (``schedules.adaptive_rank``), first moment rotated, gap 200;
+  (``schedules.adaptive_rank``), both moments rotated; it switches per matrix
+  when ``‖down(G)‖ ≤ switch_threshold`` or after 200 steps
+  (``schedules.on_convergence``), so its steady step also computes that norm,
+  and the refresh timed here is the step cap (random gradients never fall
+  below the threshold);
 * ``galore_8bit``: galore with int8 Adam moments (``quantize.quantize_state``);
 * ``q_galore``: exact SVD, int4 basis (``quantize.quantize_basis``), lazy
   refresh (``schedules.lazy``), int8 moments, initial gap 200. The refresh
@@ -171,7 +175,7 @@ def optimizers(rank: int, *, dct_gap200: bool = True) -> dict:
       "osd": (optax_lowrank.osd(1e-3, rank=rank), "first", None,
               "exact SVD at step 0, then one AdamW step on the basis per step"),
       "adarankgrad": (optax_lowrank.adarankgrad(1e-3, rank=rank), "gap", GAP,
-                      "randomized SVD (p=2) + adaptive rank, m rotated"),
+                      "randomized SVD (p=2) + adaptive rank on ||down(G)|| <= 1e-3 or 200 steps, m and v rotated"),
       "galore_8bit": (optax_lowrank.galore_8bit(1e-3, rank=rank), "gap", GAP,
                       "galore, int8 Adam moments (blocks of 256)"),
       "q_galore": (optax_lowrank.q_galore(1e-3, rank=rank), "gap", GAP,

@@ -306,6 +306,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "beta": _number(0.0, 1.0, hi_open=True),
     "ns_steps": _integer(1),
     "consistent_rms": _number(0.0, lo_open=True, optional=True),
+    "switch_threshold": _number(0.0),
 }
 
 
@@ -1392,12 +1393,14 @@ def grass(
   )
 
 
-@_alias(static=("rank", "update_proj_gap", "proj_type"), on_refresh="rotate")
+@_alias(static=("rank", "update_proj_gap", "proj_type"),
+        on_refresh="rotate_moments")
 def adarankgrad(
     learning_rate: optax.ScalarOrSchedule,
     rank: Union[int, float] = 128,
     *,
     threshold: float = 0.9,
+    switch_threshold: float = 1e-3,
     update_proj_gap: int = 200,
     scale: Union[float, jax.Array] = 0.25,
     proj_type: Optional[str] = None,
@@ -1407,23 +1410,37 @@ def adarankgrad(
     weight_decay: float = 0.0,
     options: AliasOptions,
 ) -> optax.GradientTransformationExtraArgs:
-  """AdaRankGrad-style GaLore: a randomized-SVD subspace whose rank only shrinks.
+  """AdaRankGrad: Adam in a subspace renewed when it has converged, whose rank only shrinks.
 
-  GaLore-AdamW (``galore``) with ``schedules.adaptive_rank`` over
-  ``projectors.randomized_svd``: at each refresh each matrix keeps the
-  smallest rank ``k ≤ rank`` whose directions capture ``threshold`` of
-  ``‖G‖²``, never more than its previous ``k``; state stays sized for
-  ``rank`` (directions beyond ``k`` are zeroed). The first moment is carried
-  into the new basis on a refresh (``on_refresh="rotate"``; the paper also
-  rotates the second moment: ``on_refresh="rotate_moments"``). The authors'
-  code is not public: the rank rule is the one documented in
-  ``schedules.adaptive_rank``; ``threshold`` defaults to 0.9 (ours).
+  Per matrix, Adam runs on the projected gradient ``R = down(P, G)`` (GaLore's
+  sides and ``scale``) and the subspace ``P`` is renewed from the current
+  gradient once the optimisation inside it has converged,
+  ``‖R‖_F ≤ switch_threshold`` (``ς``), or after ``update_proj_gap`` steps in
+  it (``T``), and at step 0 (``schedules.on_convergence``; decided every
+  step inside the compiled update, matrix by matrix). On a switch the new
+  basis comes from a randomized SVD (``projectors.randomized_svd``) and the
+  matrix keeps the smallest rank ``k`` whose directions capture
+  ``threshold`` of ``‖G‖²``, never more than its previous ``k``
+  (``schedules.adaptive_rank``); both Adam moments of the switched matrices
+  are carried into the new subspace (``on_refresh="rotate_moments"``:
+  ``M ← T(M)``, ``V ← T(√V)²`` with ``T = Pₙᵀ Pₒ``), the other matrices'
+  basis and moments stay as they were.
+
+  State is sized for ``rank`` whatever ``k`` is (JAX shapes are static;
+  directions beyond ``k`` are zero columns of the basis): the adaptive rank
+  saves compute in nothing and memory in nothing; docs/methods.md says why
+  no rank buckets. The authors' code is not public: ``switch_threshold``
+  (ours, 1e-3), ``threshold`` (ours, 0.9) and ``update_proj_gap`` (GaLore's
+  200) are not the paper's tuned values, and the second moment's transport
+  is ours (it stays non-negative).
 
   Args:
     learning_rate: A float or an optax schedule.
     rank: The largest rank (int or fraction).
     threshold: Fraction of the gradient's energy the subspace must capture.
-    update_proj_gap: Steps between refreshes.
+    switch_threshold: ``ς``: the projected gradient's Frobenius norm at or
+      below which a matrix switches subspace.
+    update_proj_gap: ``T``: the most steps a matrix stays in one subspace.
     scale: GaLore's scale of the back-projected update.
     proj_type: ``std`` (``None``, the default), ``reverse_std``, ``left`` or
       ``right``.
@@ -1446,8 +1463,10 @@ def adarankgrad(
     Memory-Efficient LLMs Training and Fine-Tuning
     <https://arxiv.org/abs/2410.17881>`_, ICLR 2025.
   """
-  projector = schedules_lib.adaptive_rank(
-      projectors_lib.randomized_svd(_side(proj_type)), threshold)
+  projector = schedules_lib.on_convergence(
+      schedules_lib.adaptive_rank(
+          projectors_lib.randomized_svd(_side(proj_type)), threshold),
+      switch_threshold, update_proj_gap)
   return optax.chain(
       _project(options, optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank,
                update_proj_gap=update_proj_gap, scale=scale,

@@ -228,7 +228,9 @@ class _Projected(NamedTuple):
   g: Optional[jax.Array]  # the gradient, matricized (batch..., n, m)
   basis: Any  # the basis used this step
   r: jax.Array  # down(basis, g)
-  refreshed: Optional[jax.Array]  # bool scalar, None when no refresh is asked
+  # bool scalar, or per matrix (batch...) for a projector with ``due``;
+  # None when no refresh is asked
+  refreshed: Optional[jax.Array]
 
 
 def _refresh(projector: Projector, ctx: RefreshContext, g, basis):
@@ -262,8 +264,29 @@ def _project_leaf(projector: Projector, plan: shapes.LeafPlan, g, basis, *,
                   refresh: Optional[jax.Array], ctx: RefreshContext
                   ) -> _Projected:
   """Refreshes the leaf's basis if ``refresh`` (under one ``lax.cond``) and
-  projects its gradient."""
+  projects its gradient.
+
+  A projector with a ``due`` hook decides per matrix (where ``refresh``
+  allows): the ``cond`` runs when any matrix is due, and ``refreshed`` is
+  the matrices that took a new basis.
+  """
   g2 = plan.layout.matricize(g)
+  if refresh is not None and projector.due is not None:
+    r = projector.down(basis, g2)
+    due = projector.due(ctx.step, r, basis) & refresh
+    refresh = jnp.any(due)
+    ctx = ctx._replace(due=due)
+    # A matrix with a non-finite gradient keeps its basis (``_refresh``).
+    finite = jnp.all(jnp.isfinite(g2), axis=(-2, -1))
+    refreshed = due & shapes.reshard_like(finite, due)
+    basis = jax.lax.cond(
+        refresh,
+        lambda ctx, g, b: _refresh(projector, ctx, g, b),
+        lambda ctx, g, b: b,
+        ctx, g2, basis)
+    # ``r`` again only where a basis changed.
+    r = jax.lax.cond(refresh, projector.down, lambda b, g: r, basis, g2)
+    return _Projected(g2, basis, r, refreshed)
   if refresh is not None:
     basis = jax.lax.cond(
         refresh,
@@ -271,6 +294,15 @@ def _project_leaf(projector: Projector, plan: shapes.LeafPlan, g, basis, *,
         lambda ctx, g, b: b,
         ctx, g2, basis)
   return _Projected(g2, basis, projector.down(basis, g2), refresh)
+
+
+def _changed_matrices(old, new, batch_shape) -> jax.Array:
+  """Per matrix (``batch_shape``), whether any basis entry differs."""
+  changed = jnp.zeros(batch_shape, bool)
+  for o, n in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+    axes = tuple(range(len(batch_shape), o.ndim))
+    changed = changed | jnp.any(o != n, axis=axes)
+  return changed
 
 
 def _combine_leaf(rule: combine_lib.CombineRule, projector: Projector,
@@ -542,8 +574,14 @@ def lowrank_project(
     # Step 1: refresh the bases that are due and project the gradients.
     def project(p, group, g, w, first_moment, r):
       old = state.bases[p.name].basis
-      refresh = refresh_schedule(step, group, num_groups)
+      if projector.due is None:
+        refresh = refresh_schedule(step, group, num_groups)
+      else:  # the projector decides, every step (``_project_leaf``)
+        refresh = jnp.asarray(True)
       if applying:  # the window's basis, refreshed on its first micro-batch
+        if projector.due is not None:  # the matrices whose basis changed
+          refresh = _changed_matrices(old, slot.bases[p.name],
+                                      p.layout.batch_shape)
         return _Projected(None, slot.bases[p.name], r, refresh)
       if projecting:
         refresh = jnp.logical_and(refresh, request.first)

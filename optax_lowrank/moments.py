@@ -290,7 +290,9 @@ def apply_on_refresh(
     inner_state: Its state, before the current gradient is added.
     treedef: Tree definition of the parameters.
     changes: Per parameter leaf, ``None`` (not projected, or no refresh this
-      call) or ``(refreshed, change)``: a bool scalar and the leaf's
+      call) or ``(refreshed, change)``: a bool scalar, or a bool per matrix
+      ``(batch...)`` (the policy then acts on those matrices only, the
+      others' moments are kept bit for bit), and the leaf's
       ``SubspaceChange``.
     fresh_state_fn: Returns a freshly initialized inner state (its leaves
       are the ``fresh`` values the policy sees).
@@ -327,8 +329,22 @@ def _replace_if(flag, old, fn):
   """``fn(old)`` where ``flag``, else ``old``.
 
   ``fn`` runs under a ``lax.cond`` (on refresh steps only); a quantized leaf
-  is dequantized for ``fn`` and quantized again.
+  is dequantized for ``fn`` and quantized again. A ``flag`` per matrix
+  (``(batch...)``, the leading axes of ``old``) selects matrix by matrix.
   """
+  if jnp.ndim(flag):
+    def per_matrix(x):
+      y = fn(x).astype(x.dtype)
+      mask = flag.reshape(flag.shape + (1,) * (x.ndim - flag.ndim))
+      return shapes.reshard_like(jnp.where(mask, y, x), x)
+
+    if not _is_quantized(old):
+      return jax.lax.cond(jnp.any(flag), per_matrix, lambda x: x, old)
+    return jax.lax.cond(
+        jnp.any(flag),
+        lambda q: quantize.requantize(
+            q, per_matrix(quantize.dequantize(q))),
+        lambda q: q, old)
   if not _is_quantized(old):
     return jax.lax.cond(flag, lambda x: fn(x).astype(x.dtype), lambda x: x,
                         old)

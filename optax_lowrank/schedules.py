@@ -3,7 +3,9 @@
 ``every`` is the schedule ``lowrank_project`` runs; ``lazy`` (Q-GaLore) and
 ``adaptive_rank`` (AdaRankGrad) wrap a projector, keeping per-matrix state
 (its own gap, its own rank) in the basis, so that they compose with any
-SVD-type projector and need nothing from the core.
+SVD-type projector and need nothing from the core. ``on_convergence``
+(AdaRankGrad) replaces the schedule: it decides from the gradient, every
+step and per matrix, through the projector's ``due`` hook.
 """
 
 from __future__ import annotations
@@ -305,3 +307,115 @@ def adaptive_rank(projector: Projector, threshold: float = 0.9) -> Projector:
     return projector.up(state.basis, r)
 
   return Projector(init, refresh, down, up)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ConvergenceBasis:
+  """State of ``on_convergence``: the wrapped basis and each matrix's switch.
+
+  Attributes:
+    basis: The wrapped projector's basis.
+    switched_at: The step at which each matrix last renewed its subspace
+      (int32, ``(batch...)``; ``-1`` before the first).
+  """
+
+  basis: Any
+  switched_at: jax.Array
+
+
+def on_convergence(
+    projector: Projector,
+    switch_threshold: float,
+    max_gap: int,
+) -> Projector:
+  """AdaRankGrad's switch: a new subspace once the current one has converged.
+
+  Each matrix keeps its subspace while the gradient still has weight in it:
+  it switches at the first step where ``‖down(basis, G)‖_F ≤
+  switch_threshold`` (the optimisation inside the subspace has converged),
+  or once it has taken ``max_gap`` steps in it, and at step 0. The decision
+  is made every step, per matrix, inside the compiled update (the
+  projector's ``due`` hook; no host round trip): the leaf's ``lax.cond`` runs
+  the wrapped ``refresh`` when any of its matrices is due, and only the due
+  matrices take the new basis. The step of each matrix's last switch is
+  kept in the state, so the decision is checkpointed with it.
+
+  With ``switch_threshold=0`` (and a gradient never exactly zero in the
+  subspace) this is GaLore's schedule: a switch every ``max_gap`` steps.
+
+  Args:
+    projector: A projector whose basis holds one entry per matrix (SVD-type
+      bases, ``adaptive_rank``); one key or one choice for a whole stacked
+      leaf cannot switch per matrix and is refused at ``init``.
+    switch_threshold: ``ς``, the Frobenius norm of the projected gradient at
+      or below which a matrix switches (non-negative; may be an array).
+    max_gap: ``T``, the most steps a matrix stays in one subspace.
+
+  Returns:
+    A ``Projector`` with a ``due`` hook, whose basis is a
+    ``ConvergenceBasis``.
+
+  Example:
+    >>> import optax, optax_lowrank
+    >>> from optax_lowrank import projectors, schedules
+    >>> tx = optax_lowrank.lowrank_project(
+    ...     optax.scale_by_adam(), rank=4,
+    ...     projector=schedules.on_convergence(projectors.svd(), 1e-3, 200))
+
+  References:
+    Refael et al., `AdaRankGrad: Adaptive Gradient-Rank and Moments for
+    Memory-Efficient LLMs Training and Fine-Tuning
+    <https://arxiv.org/abs/2410.17881>`_, ICLR 2025.
+  """
+  check_wrappable(projector, "schedules.on_convergence")
+  if not isinstance(max_gap, int) or isinstance(max_gap, bool) or max_gap < 1:
+    raise ValueError(f"`max_gap` must be a positive int, got {max_gap!r}")
+  if isinstance(switch_threshold, bool) or (
+      isinstance(switch_threshold, (int, float))
+      and not 0.0 <= switch_threshold < float("inf")):
+    # Arrays (optax.inject_hyperparams) are not checked.
+    raise ValueError(
+        f"`switch_threshold` must be a non-negative finite number, got "
+        f"{switch_threshold!r}")
+
+  def init(info, dtype):
+    basis = projector.init(info, dtype)
+    batch = info.batch_shape
+    for leaf in jax.tree.leaves(basis):
+      if leaf.shape[:len(batch)] != batch:
+        raise ValueError(
+            "on_convergence switches each matrix on its own, so the wrapped "
+            "basis needs one entry per matrix of the stack "
+            f"{batch}; it has a leaf of shape {leaf.shape} (a key or one "
+            "choice for the whole leaf). Use an SVD-type projector.")
+    return ConvergenceBasis(basis, info.zeros("", jnp.int32) - 1)
+
+  def due(step, r, state):
+    r = r.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(r), axis=(-2, -1)))
+    norm = shapes.reshard_like(norm, state.switched_at)
+    return ((state.switched_at < 0)
+            | (step - state.switched_at >= max_gap)
+            | (norm <= switch_threshold))
+
+  def refresh(ctx, g, state):
+    switch = ctx.due
+    if switch is None:  # called without the hook (``lowrank_project`` asks)
+      switch = due(ctx.step, projector.down(state.basis, g), state)
+    new = projector.refresh(ctx, g, state.basis)
+    basis = jax.tree.map(
+        lambda n, o: jnp.where(_per_matrix(switch, o), n.astype(o.dtype), o),
+        new, state.basis)
+    switched_at = jnp.where(switch, ctx.step.astype(jnp.int32),
+                            state.switched_at)
+    return jax.tree.map(shapes.reshard_like,
+                        ConvergenceBasis(basis, switched_at), state)
+
+  def down(state, g):
+    return projector.down(state.basis, g)
+
+  def up(state, r):
+    return projector.up(state.basis, r)
+
+  return Projector(init, refresh, down, up, due=due)

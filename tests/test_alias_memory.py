@@ -208,8 +208,10 @@ def grass(s):
 
 
 def adarankgrad(s):
-  """GaLore's state at the maximum rank, plus the rank in use per matrix."""
-  per_leaf = {k: _moments(k, RANK, s) + _svd_basis(k, RANK, s) + _matrices(k)[0] * INT32
+  """GaLore's state at the maximum rank, plus per matrix the rank in use and the step
+  of its last switch (int32 each)."""
+  per_leaf = {k: _moments(k, RANK, s) + _svd_basis(k, RANK, s)
+              + _matrices(k)[0] * 2 * INT32
               for k in MATRICES}
   per_leaf["bias"] = _full_adam("bias", s)
   return per_leaf, 2 * INT32

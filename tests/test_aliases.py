@@ -398,6 +398,7 @@ BAD = {
     "layer_weights": ["norm", [1.0, -1.0], [NAN], []],
     "outlier_threshold": [0.0, -1.0, NAN, INF, True],
     "layer_of": [3, "layers"],
+    "switch_threshold": [-1.0, NAN, INF, True],
 }
 BAD_FOR = {("flora", "b2"): [NAN, 0.0, INF, True],  # an exponent > 0
            ("vlorp", "projector"): ["random"]}  # None or a Projector

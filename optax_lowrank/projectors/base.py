@@ -32,6 +32,8 @@ class RefreshContext(NamedTuple):
       gradient, for projectors with ``reads_first_moment``; else ``None``.
     group: The index of the leaf's group (int32 scalar): groups are numbered
       in the order of their first leaf.
+    due: For a projector with a ``due`` hook, the matrices it chose to
+      renew at this step (bool, ``(batch...)``); else ``None``.
   """
 
   step: jax.Array
@@ -39,6 +41,7 @@ class RefreshContext(NamedTuple):
   params: Optional[jax.Array] = None
   first_moment: Optional[jax.Array] = None
   group: Optional[jax.Array] = None
+  due: Optional[jax.Array] = None
 
 
 class Projector(NamedTuple):
@@ -68,6 +71,15 @@ class Projector(NamedTuple):
       step's gradient; the inner optimizer must then keep exactly one
       (``mu``, ``trace`` or ``momentum``, see ``moments.FIRST_MOMENT_FIELDS``)
       per projected leaf.
+    due: ``None`` (``lowrank_project``'s schedule decides when the leaf
+      refreshes), or ``due(step, r, basis) -> bool (batch...)``: which
+      matrices of the leaf renew their subspace at this step, decided every
+      step from the projected gradient in the current basis,
+      ``r = down(basis, g)`` (the same ``r`` the step then uses where
+      nothing is renewed; ``schedules.on_convergence``). The leaf's
+      ``lax.cond`` runs ``refresh`` when any is due, with the choice in
+      ``ctx.due``; ``refresh`` must renew only those matrices and keep the
+      others' basis as it was, and the refresh policy acts on them only.
   """
 
   init: Callable[[MatrixInfo, Any], Basis]
@@ -75,6 +87,7 @@ class Projector(NamedTuple):
   down: Callable[[Basis, jax.Array], jax.Array]
   up: Callable[[Basis, jax.Array], jax.Array]
   reads_first_moment: bool = False
+  due: Optional[Callable[[jax.Array, jax.Array, Basis], jax.Array]] = None
 
 
 def check_wrappable(projector: Projector, wrapper: str) -> None:
@@ -88,6 +101,11 @@ def check_wrappable(projector: Projector, wrapper: str) -> None:
   if not isinstance(projector, Projector):
     raise ValueError(
         f"`projector` must be a Projector (for {wrapper}), got {projector!r}")
+  if projector.due is not None:
+    raise ValueError(
+        f"{wrapper} cannot wrap a projector that decides its own refreshes "
+        "(due, e.g. schedules.on_convergence); wrap the other way round, "
+        f"schedules.on_convergence({wrapper}(projector), ...).")
   if projector.reads_first_moment:
     raise ValueError(
         f"{wrapper} cannot wrap a projector that reads the inner optimizer's "
