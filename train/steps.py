@@ -1,8 +1,9 @@
 """The model side of training: train state, loss, the train and eval steps.
 
 The train state is a plain dict `{"step", "params", "opt_state"}` of arrays (plus
-`"health"`, the counters of a `train.faults.Guard`, when the step has one), so Orbax saves
-it as-is and the optimizer sees the pure-dict parameter tree (the tree that
+`"health"`, the counters of a `train.faults.Guard`, when the step has one, and
+`"velora"`, the model's VeLoRA buffers, when its config selects VeLoRA layers), so Orbax
+saves it as-is and the optimizer sees the pure-dict parameter tree (the tree that
 `models.lowrank_spec` describes).
 """
 
@@ -20,6 +21,7 @@ from models import sharding as shd
 from models.config import LlamaConfig
 from models.llama import Llama
 from models.lowrank import pure_dict
+from models.velora import VeLoRAState
 from train.faults import Guard
 
 State = dict[str, Any]
@@ -48,6 +50,25 @@ def make_loss_fn(graphdef) -> Callable[[Any, jax.Array], jax.Array]:
   return loss_fn
 
 
+def make_grad_fn(graphdef):
+  """grad(params, tokens, velora) → (loss, grads, velora after the call).
+
+  `velora` is the model's VeLoRA buffers (pure dict), or None for a model without
+  VeLoRA layers; the first call sets each layer's `v` from its batch, later calls keep it.
+  """
+  def loss_fn(params, tokens, velora):
+    model = nnx.merge(graphdef, params, *(() if velora is None else (velora,)))
+    loss = jnp.mean(cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]))
+    return loss, None if velora is None else pure_dict(nnx.state(model, VeLoRAState))
+
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grad(params, tokens, velora):
+    (loss, velora), grads = value_and_grad(params, tokens, velora)
+    return loss, grads, velora
+  return grad
+
+
 def place(x: jax.Array, spec: P) -> jax.Array:
   """`x` laid out as `spec` over the current mesh: `reshard` where the mesh's axes are
   Explicit, a sharding constraint (the compiler's choice elsewhere) where they are Auto."""
@@ -72,6 +93,9 @@ def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
     if guard is not None:
       state["health"] = guard.init()
+    velora = nnx.state(model, VeLoRAState)
+    if jax.tree.leaves(velora):
+      state["velora"] = pure_dict(velora)
     return state
   return init
 
@@ -98,10 +122,12 @@ def _guarded(guard, state, loss, norm, apply):
   return params, opt_state, health, metrics
 
 
-def _new_state(state, params, opt_state, health):
+def _new_state(state, params, opt_state, health, velora=None):
   new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
   if health is not None:
     new["health"] = health
+  if velora is not None:
+    new["velora"] = velora
   return new
 
 
@@ -115,19 +141,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None,
   (`train.faults.Guard`), a step it rejects (a non-finite loss or gradient norm, a spike)
   leaves the parameters and the optimizer state as they were.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
+  grad_fn = make_grad_fn(graphdef)
 
   def step(state: State, batch: jax.Array):
     params = state["params"]
     zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
 
     def micro(carry, tokens):
-      loss_sum, grad_sum = carry
-      loss, grads = grad_fn(params, tokens)
+      loss_sum, grad_sum, velora = carry
+      loss, grads, velora = grad_fn(params, tokens, velora)
       grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-      return (loss_sum + loss, grad_sum), None
+      return (loss_sum + loss, grad_sum, velora), None
 
-    (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch)
+    carry = (jnp.zeros((), jnp.float32), zeros, state.get("velora"))
+    (loss, grads, velora), _ = jax.lax.scan(micro, carry, batch)
     k = batch.shape[0]
     loss = loss / k
     grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
@@ -141,7 +168,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None,
     metrics = {"loss": loss, "grad_norm": norm, **checks}
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
-    return _new_state(state, new_params, opt_state, health), metrics
+    return _new_state(state, new_params, opt_state, health, velora), metrics
 
   return step
 
@@ -158,29 +185,29 @@ def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0,
   whole); `micro_grad_norm` logs the mean norm of the micro-batch gradients, which is
   also what a `guard` checks (with the loss); a rejected step drops the accumulators.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
+  grad_fn = make_grad_fn(graphdef)
 
-  def micro_grads(params, tokens):
-    loss, grads = grad_fn(params, tokens)
+  def micro_grads(params, tokens, velora):
+    loss, grads, velora = grad_fn(params, tokens, velora)
     norm = optax.tree.norm(grads)
     if clip and clip > 0:
       factor = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
       grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
-    return loss, norm, grads
+    return loss, norm, grads, velora
 
   def step(state: State, batch: jax.Array):
     params = state["params"]
 
     def micro(carry, tokens):
-      loss_sum, norm_sum, opt_state = carry
-      loss, norm, grads = micro_grads(params, tokens)
+      loss_sum, norm_sum, opt_state, velora = carry
+      loss, norm, grads, velora = micro_grads(params, tokens, velora)
       opt_state = tx.accumulate(grads, opt_state, params)
-      return (loss_sum + loss, norm_sum + norm, opt_state), None
+      return (loss_sum + loss, norm_sum + norm, opt_state, velora), None
 
     zero = jnp.zeros((), jnp.float32)
-    (loss, norm, opt_state), _ = jax.lax.scan(
-        micro, (zero, zero, state["opt_state"]), batch[:-1])
-    last_loss, last_norm, grads = micro_grads(params, batch[-1])
+    (loss, norm, opt_state, velora), _ = jax.lax.scan(
+        micro, (zero, zero, state["opt_state"], state.get("velora")), batch[:-1])
+    last_loss, last_norm, grads, velora = micro_grads(params, batch[-1], velora)
     k = batch.shape[0]
     loss, norm = (loss + last_loss) / k, (norm + last_norm) / k
 
@@ -192,7 +219,7 @@ def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0,
     metrics = {"loss": loss, "micro_grad_norm": norm, **checks}
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
-    return _new_state(state, new_params, new_opt_state, health), metrics
+    return _new_state(state, new_params, new_opt_state, health, velora), metrics
 
   return step
 
