@@ -14,7 +14,7 @@ VeLoRA groups: 60M as the authors' script (``--num_groups 64,86``: 8 features pe
 sub-token, 16 per down sub-token); 1B the same 8 features per value sub-token (256
 groups) and 43 per down sub-token (127 groups: d_ff = 5461 = 43 · 127).
 
-    nice python -m benchmarks.activation_memory --out benchmarks/results/activation_memory.json
+    nice python benchmarks/activation_memory.py --out benchmarks/results/activation_memory.json
 
 Each row also gives ``expected``: what the residual of the VeLoRA layers alone would
 save if the layer's input had no other use in the backward pass,
@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from models.config import LlamaConfig
-from train import steps
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.config import LlamaConfig  # noqa: E402
+from train import steps  # noqa: E402
 
 GROUPS = {"60m": {"v": 64, "down": 86}, "1b": {"v": 256, "down": 127}}
 VARIANTS = {"plain": (), "v": ("v",), "down": ("down",), "v+down": ("v", "down")}

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from models.sharding import is_explicit
 
 class VeLoRAState(nnx.Variable):
   """A VeLoRA buffer (the fixed vector `v`, or whether it is set): model state that is
@@ -28,9 +31,21 @@ class VeLoRAState(nnx.Variable):
   it alone; it is saved with the model's state (and the trainer's checkpoints)."""
 
 
+def _explicit_spec(a: jax.Array) -> P | None:
+  """`a`'s PartitionSpec when tracing under an Explicit mesh, else None."""
+  if not is_explicit(jax.sharding.get_abstract_mesh()):
+    return None
+  return jax.typeof(a).sharding.spec
+
+
 def sub_tokens(x: jax.Array, groups: int) -> jax.Array:
   """(..., D) → (..., G, D/G): the `groups` consecutive-feature slices of each token."""
-  return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+  shape = (*x.shape[:-1], groups, x.shape[-1] // groups)
+  spec = _explicit_spec(x)
+  if spec is None:
+    return x.reshape(shape)
+  spec = (*spec, *(None,) * (x.ndim - len(spec)))  # a sharded D stays on the G axis
+  return jnp.reshape(x, shape, out_sharding=P(*spec, None))
 
 
 def first_batch_vector(x: jax.Array, groups: int, eps: float = 1e-12) -> jax.Array:
@@ -39,8 +54,7 @@ def first_batch_vector(x: jax.Array, groups: int, eps: float = 1e-12) -> jax.Arr
   As the authors' `batch_average_once` initialisation: `mean(0)` of the (B·T·G, D/G)
   sub-tokens, then `F.normalize` (divide by max(‖·‖, eps)). Computed in float32.
   """
-  mean = jnp.mean(sub_tokens(x.astype(jnp.float32), groups).reshape(-1, x.shape[-1] // groups),
-                  axis=0)
+  mean = jnp.mean(sub_tokens(x.astype(jnp.float32), groups), axis=tuple(range(x.ndim)))
   return mean / jnp.maximum(jnp.linalg.norm(mean), eps)
 
 
@@ -74,6 +88,7 @@ def velora_matmul(x: jax.Array, kernel: jax.Array, v: jax.Array, scale: float,
     raise ValueError(f"the input width {x.shape[-1]} is not divisible by the sub-token "
                      f"size {sub}")
   groups = x.shape[-1] // sub
+  x_spec, kernel_spec = _explicit_spec(x), _explicit_spec(kernel)
 
   def matmul(x, kernel):
     return jnp.einsum("...D,DF->...F", x, kernel, out_sharding=out_sharding)
@@ -89,11 +104,15 @@ def velora_matmul(x: jax.Array, kernel: jax.Array, v: jax.Array, scale: float,
 
   def bwd(residuals, dy):
     z, kernel, v = residuals
-    dx = jnp.einsum("...F,DF->...D", dy, kernel)
+    dx = jnp.einsum("...F,DF->...D", dy, kernel, out_sharding=x_spec)
     # scale · x̂ᵀ dy without building x̂: row (g, s) of it is v_s · Σ_tokens z_g dy.
-    zdy = jnp.einsum("...G,...F->GF", z, dy, preferred_element_type=jnp.float32)
+    zdy = jnp.einsum("...G,...F->GF", z, dy, preferred_element_type=jnp.float32,
+                     out_sharding=None if kernel_spec is None else P(None, kernel_spec[-1]))
     dkernel = scale * zdy[:, None, :] * v.astype(jnp.float32)[None, :, None]
-    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype), jnp.zeros_like(v)
+    dkernel = dkernel.reshape(kernel.shape).astype(kernel.dtype)
+    if kernel_spec is not None:
+      dkernel = jax.sharding.reshard(dkernel, kernel_spec)
+    return dx, dkernel, jnp.zeros_like(v)
 
   f.defvjp(fwd, bwd)
   return f(x, kernel, v)

@@ -365,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   mesh = shd.make_mesh(args.mesh_shape, explicit=args.shard_mode == "explicit")
   schedule = optimizers.make_schedule(args.lr, args.steps, args.warmup, args.final_lr_fraction)
   graphdef, abstract = steps.abstract_model(cfg)
+  # VeLoRA changes only the backward pass: evaluation runs the plain model.
+  eval_graphdef = steps.abstract_model(cfg.replace(velora_layers=(), velora_groups=()))[0]
   abstract_params = pure_dict(nnx.state(abstract, nnx.Param))
   mask, dims = lowrank_spec(abstract_params, cfg)
   if isinstance(args.rank, int):
@@ -435,9 +437,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     abstract_batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)
     make_step = (steps.make_train_step(graphdef, tx, schedule, guard) if accumulating is None
                  else steps.make_subspace_train_step(graphdef, tx, schedule, args.clip, guard))
-    # VeLoRA changes only the backward pass: evaluation runs the plain model.
-    eval_fn = steps.make_eval_step(
-        steps.abstract_model(cfg.replace(velora_layers=(), velora_groups=()))[0])
+    eval_fn = steps.make_eval_step(eval_graphdef)
     if weights:
       make_step, eval_fn = weights.wrap_step(make_step), weights.wrap_eval(eval_fn)
     train_step = jax.jit(make_step,
