@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models.config import LlamaConfig
 from models.llama import Llama
@@ -90,6 +91,33 @@ def test_composes_with_remat():
     _, dx_ref, dw_ref = _reference(x, w, v, SCALE, c)
     assert _rel(dx, dx_ref) < 1e-6
     assert _rel(dw, dw_ref) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ("explicit", "auto"))
+def test_sharded_matches_the_reference(kind):
+  """Batch on a `data` axis, output features on `tensor` (a Dense layer's layout): the
+  backward pass's contractions over sharded axes come out with the primal shardings."""
+  axis = getattr(jax.sharding.AxisType, kind.capitalize())
+  mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(axis, axis))
+  kx, kw, kv, kd = jax.random.split(jax.random.key(7), 4)
+  x, w = jax.random.normal(kx, (8, 3, 16)), jax.random.normal(kw, (16, 6))
+  v, dy = _unit(kv, 4), jax.random.normal(kd, (8, 3, 6))
+  specs = (P("data", None, None), P(None, "tensor"), P(), P("data", None, "tensor"))
+  out = specs[3] if kind == "explicit" else None
+  with jax.set_mesh(mesh):
+    args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((x, w, v, dy), specs)]
+
+    @jax.jit
+    def run(x, w, v, dy):
+      y, vjp = jax.vjp(lambda x, w: velora_matmul(x, w, v, SCALE, out), x, w)
+      return (y, *vjp(dy))
+
+    y, dx, dw = run(*args)
+  if kind == "explicit":
+    assert jax.typeof(dx).sharding.spec == specs[0]
+    assert jax.typeof(dw).sharding.spec == specs[1]
+  for got, want in zip((y, dx, dw), _reference(x, w, v, SCALE, dy)):
+    assert _rel(got, want) < 1e-5
 
 
 def test_v_is_the_first_batch_mean_sub_token_then_frozen():
