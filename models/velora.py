@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from models.sharding import is_explicit
 
+
 class VeLoRAState(nnx.Variable):
   """A VeLoRA buffer (the fixed vector `v`, or whether it is set): model state that is
   not a parameter, so `nnx.Optimizer(wrt=nnx.Param)` and the trainer's optimizer leave
@@ -32,10 +33,12 @@ class VeLoRAState(nnx.Variable):
 
 
 def _explicit_spec(a: jax.Array) -> P | None:
-  """`a`'s PartitionSpec when tracing under an Explicit mesh, else None."""
+  """`a`'s PartitionSpec (one entry per axis) when tracing under an Explicit mesh, else
+  None."""
   if not is_explicit(jax.sharding.get_abstract_mesh()):
     return None
-  return jax.typeof(a).sharding.spec
+  spec = jax.typeof(a).sharding.spec
+  return P(*spec, *(None,) * (a.ndim - len(spec)))
 
 
 def sub_tokens(x: jax.Array, groups: int) -> jax.Array:
@@ -44,8 +47,7 @@ def sub_tokens(x: jax.Array, groups: int) -> jax.Array:
   spec = _explicit_spec(x)
   if spec is None:
     return x.reshape(shape)
-  spec = (*spec, *(None,) * (x.ndim - len(spec)))  # a sharded D stays on the G axis
-  return jnp.reshape(x, shape, out_sharding=P(*spec, None))
+  return jnp.reshape(x, shape, out_sharding=P(*spec, None))  # a sharded D: on G
 
 
 def first_batch_vector(x: jax.Array, groups: int, eps: float = 1e-12) -> jax.Array:
