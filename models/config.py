@@ -14,6 +14,7 @@ BYTE_VOCAB_SIZE = 256 + len(BYTE_SPECIALS)
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "llama3")
+VELORA_LAYERS = ("q", "k", "v", "o", "gate", "up", "down")  # models/velora.py
 
 # name -> (d_model, d_ff, num_heads, num_layers); vocab 32000 and context 256 as in the
 # GaLore paper (Zhao et al., 2024, Table 9).
@@ -55,6 +56,12 @@ class LlamaConfig:
   param_dtype: str = "float32"  # stored weights
   scan_layers: bool = False     # stack the blocks on a leading `layers` axis and lax.scan
   remat: str = "none"           # none | full | dots (jax.checkpoint policy per block)
+  # VeLoRA (models/velora.py): the projections whose weight gradient uses rank-1
+  # sub-token projections of their input (names from VELORA_LAYERS, e.g. ("v", "down")),
+  # the number of sub-tokens per token for each, and the weight-gradient scale.
+  velora_layers: tuple[str, ...] = ()
+  velora_groups: tuple[int, ...] = ()
+  velora_scale: float = 1.0
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "d_ff", "num_heads", "num_kv_heads",
@@ -86,6 +93,38 @@ class LlamaConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"`{name}` must be one of {DTYPES}, got {getattr(self, name)!r}")
+    self._check_velora()
+
+  def _check_velora(self):
+    layers, groups = tuple(self.velora_layers), tuple(self.velora_groups)
+    object.__setattr__(self, "velora_layers", layers)  # lists (from JSON) → tuples
+    object.__setattr__(self, "velora_groups", groups)
+    unknown = [name for name in layers if name not in VELORA_LAYERS]
+    if unknown or len(set(layers)) != len(layers):
+      raise ValueError(f"`velora_layers` must be distinct names from {VELORA_LAYERS}, "
+                       f"got {layers}")
+    if len(groups) != len(layers):
+      raise ValueError(f"`velora_groups` needs one group count per entry of "
+                       f"`velora_layers` {layers}, got {groups}")
+    for name, g in zip(layers, groups):
+      width = self.velora_in_features(name)
+      if not isinstance(g, int) or g <= 0 or width % g:
+        raise ValueError(f"`velora_groups` for {name!r} must be a positive divisor of its "
+                         f"input width {width}, got {g!r}")
+    if not self.velora_scale > 0:
+      raise ValueError(f"`velora_scale` must be positive, got {self.velora_scale}")
+
+  def velora_in_features(self, name: str) -> int:
+    """The input width of projection `name` (one of VELORA_LAYERS)."""
+    if name == "o":
+      return self.num_heads * self.head_dim
+    return self.d_ff if name == "down" else self.d_model
+
+  def velora_groups_of(self, name: str) -> int | None:
+    """VeLoRA's group count for projection `name`, or None where VeLoRA is off."""
+    if name not in self.velora_layers:
+      return None
+    return self.velora_groups[self.velora_layers.index(name)]
 
   @property
   def head_dim(self) -> int:

@@ -18,6 +18,7 @@ from flax import nnx
 
 from models.config import LlamaConfig
 from models.sharding import activation_spec, constrain, no_eager_sharding
+from models.velora import Projection
 
 BATCH, LENGTH = "activation_batch", "activation_length"
 
@@ -32,20 +33,31 @@ def _param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str], dty
 
 
 class Dense(nnx.Module):
-  """`y = x @ kernel` with a plain 2-D (in, out) kernel and logical names (in, out)."""
+  """`y = x @ kernel` with a plain 2-D (in, out) kernel and logical names (in, out).
+
+  With `velora_groups` (a group count G) the weight gradient is VeLoRA's, from rank-1
+  projections of the input's G sub-tokens (`models.velora.Projection`); the output and
+  the input gradient are unchanged.
+  """
 
   def __init__(self, in_features: int, out_features: int, names: tuple[str, str], *,
-               cfg: LlamaConfig, stack: int | None = None, rngs: nnx.Rngs):
+               cfg: LlamaConfig, stack: int | None = None, rngs: nnx.Rngs,
+               velora_groups: int | None = None):
     init = jax.nn.initializers.normal(cfg.init_std)
     self.kernel = _param(rngs, init, (in_features, out_features), names,
                          cfg.jnp_param_dtype, stack)
     self.dtype = cfg.jnp_dtype
+    self.velora = (None if velora_groups is None else
+                   Projection(in_features, velora_groups, cfg.velora_scale, stack=stack))
 
   def __call__(self, x: jax.Array, out_names: Sequence[str | None]) -> jax.Array:
     kernel = self.kernel[...].astype(self.dtype)
     out_shape = (*x.shape[:-1], kernel.shape[-1])
+    out_sharding = activation_spec(out_shape, *out_names)
+    if self.velora is not None:
+      return self.velora(x.astype(self.dtype), kernel, out_sharding)
     return jnp.einsum("BTD,DF->BTF", x.astype(self.dtype), kernel,
-                      out_sharding=activation_spec(out_shape, *out_names))
+                      out_sharding=out_sharding)
 
 
 class RMSNorm(nnx.Module):
@@ -126,10 +138,14 @@ class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, stack: int | None = None, rngs: nnx.Rngs):
     d, h = cfg.d_model, cfg.head_dim
     kw = dict(cfg=cfg, stack=stack, rngs=rngs)
-    self.q = Dense(d, cfg.num_heads * h, ("embed", "heads"), **kw)
-    self.k = Dense(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), **kw)
-    self.v = Dense(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), **kw)
-    self.o = Dense(cfg.num_heads * h, d, ("heads", "embed"), **kw)
+    self.q = Dense(d, cfg.num_heads * h, ("embed", "heads"), **kw,
+                   velora_groups=cfg.velora_groups_of("q"))
+    self.k = Dense(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), **kw,
+                   velora_groups=cfg.velora_groups_of("k"))
+    self.v = Dense(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), **kw,
+                   velora_groups=cfg.velora_groups_of("v"))
+    self.o = Dense(cfg.num_heads * h, d, ("heads", "embed"), **kw,
+                   velora_groups=cfg.velora_groups_of("o"))
     self.num_kv_heads, self.num_groups, self.head_dim = cfg.num_kv_heads, cfg.num_groups, h
     self.cfg = cfg  # static; `rope_frequencies` reads it when the module is applied
     self.dtype = cfg.jnp_dtype
@@ -164,9 +180,12 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, stack: int | None = None, rngs: nnx.Rngs):
     kw = dict(cfg=cfg, stack=stack, rngs=rngs)
-    self.gate = Dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw)
-    self.up = Dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw)
-    self.down = Dense(cfg.d_ff, cfg.d_model, ("mlp", "embed"), **kw)
+    self.gate = Dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw,
+                      velora_groups=cfg.velora_groups_of("gate"))
+    self.up = Dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw,
+                    velora_groups=cfg.velora_groups_of("up"))
+    self.down = Dense(cfg.d_ff, cfg.d_model, ("mlp", "embed"), **kw,
+                      velora_groups=cfg.velora_groups_of("down"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     names = (BATCH, LENGTH, "activation_mlp")

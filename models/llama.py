@@ -17,6 +17,7 @@ from flax import nnx
 from models.config import LlamaConfig
 from models.layers import BATCH, LENGTH, Block, Dense, RMSNorm, _param
 from models.sharding import activation_spec, constrain
+from models.velora import VeLoRAState
 
 _List = getattr(nnx, "List", list)  # Flax < 0.12 keeps modules in plain lists
 
@@ -63,18 +64,23 @@ class Llama(nnx.Module):
     cfg = self.cfg
 
     def apply(graphdef, state, x):
-      return nnx.merge(graphdef, state)(x, positions)
+      # Returns the block's VeLoRA buffers too: its first call sets them (empty without
+      # VeLoRA), and a merged copy's updates would otherwise be lost.
+      block = nnx.merge(graphdef, state)
+      return block(x, positions), nnx.state(block, VeLoRAState)
 
     if cfg.remat != "none":
       apply = jax.checkpoint(apply, policy=_POLICIES[cfg.remat], static_argnums=(0,))
 
     if cfg.scan_layers:
       graphdef, state = nnx.split(self.layers)
-      x, _ = jax.lax.scan(lambda h, layer: (apply(graphdef, layer, h), None), x, state)
+      x, buffers = jax.lax.scan(lambda h, layer: apply(graphdef, layer, h), x, state)
+      nnx.update(self.layers, buffers)
       return x
     for block in self.layers:
       graphdef, state = nnx.split(block)
-      x = apply(graphdef, state, x)
+      x, buffers = apply(graphdef, state, x)
+      nnx.update(block, buffers)
     return constrain(x, BATCH, LENGTH, "activation_embed")
 
 

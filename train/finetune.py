@@ -248,9 +248,9 @@ def run(args) -> dict:
         jax.ShapeDtypeStruct((*shape, seq_len + 1), np.int32, sharding=batch_sharding),
         jax.ShapeDtypeStruct((*shape, seq_len), np.float32, sharding=batch_sharding))
     compiled = setup.compile_step(abstract_batch, batch_sharding, say)
-    score = setup.jit_eval(steps.make_masked_eval_step(setup.graphdef), eval_sharding)
+    score = setup.jit_eval(steps.make_masked_eval_step(setup.eval_graphdef), eval_sharding)
     generate = setup.jit_eval(
-        evals.make_greedy_fn(setup.graphdef, args.max_new_tokens, tok.eos_id),
+        evals.make_greedy_fn(setup.eval_graphdef, args.max_new_tokens, tok.eos_id),
         eval_sharding, eval_sharding) if prompts else None
     size = args.eval_batch_size
 

@@ -117,6 +117,9 @@ class Setup:
     self.schedule = optimizers.make_schedule(args.lr, args.steps, args.warmup,
                                              args.final_lr_fraction)
     self.graphdef, abstract = steps.abstract_model(cfg)
+    # VeLoRA changes only the backward pass: evaluation runs the plain model.
+    self.eval_graphdef = steps.abstract_model(
+        cfg.replace(velora_layers=(), velora_groups=()))[0]
     params = pure_dict(nnx.state(abstract, nnx.Param))
     self.abstract_params = params
     self.mask, dims = lowrank_spec(params, cfg)

@@ -45,6 +45,28 @@ def _opt_args(text: str) -> dict:
   return out
 
 
+def _names(text: str) -> tuple[str, ...]:
+  """`v,down` → ("v", "down")."""
+  return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  """`16,22` → (16, 22)."""
+  try:
+    return tuple(int(item) for item in text.split(",") if item.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
+
+
+def model_config(args, **overrides) -> LlamaConfig:
+  """The model's config from the model flags (and `overrides`, e.g. the data's vocab)."""
+  return LlamaConfig.preset(args.model, scan_layers=args.scan_layers, remat=args.remat,
+                            dtype=args.dtype, param_dtype=args.param_dtype,
+                            velora_layers=tuple(args.velora),
+                            velora_groups=tuple(args.velora_groups),
+                            velora_scale=args.velora_scale, **overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +95,15 @@ def add_numerics_flags(g) -> None:
   g.add_argument("--remat", default="none", help=f"one of {', '.join(REMAT_POLICIES)}")
   g.add_argument("--dtype", default="float32", help="activation dtype: float32, bfloat16")
   g.add_argument("--param-dtype", default="float32")
+  g.add_argument("--velora", type=_names, default=(), metavar="LAYER,...",
+                 help="VeLoRA on these projections (q,k,v,o,gate,up,down; the authors use "
+                 "v,down): their weight gradients from rank-1 sub-token projections of the "
+                 "inputs, which are all the backward pass keeps of them")
+  g.add_argument("--velora-groups", type=_ints, default=(), metavar="G,...",
+                 help="sub-tokens per token, one count per --velora layer (each divides "
+                 "that layer's input width), e.g. 16,22 for v,down on tiny")
+  g.add_argument("--velora-scale", type=float, default=1.0,
+                 help="multiplies the VeLoRA weight gradients")
   g.add_argument("--weight-quant", default="none",
                  help="int8: store the projected matrices as int8 blocks of 256, rounded "
                  "stochastically after each update (Q-GaLore's weights); none: as "
@@ -183,6 +214,11 @@ def check_common(args, error, num_devices: int | None = None) -> None:
     if getattr(args, flag) not in ("float32", "bfloat16", "float16", None):
       error(f"--{flag.replace('_', '-')}: choose from float32, bfloat16, float16")
   validate.check(args, error)
+  if args.velora or args.velora_groups:
+    try:
+      model_config(args)
+    except ValueError as e:
+      error(f"--velora: {e}")
   if num_devices is None:
     import jax
     num_devices = jax.device_count()
@@ -283,9 +319,7 @@ def run(args) -> dict:
   if top >= corpus.vocab_size:
     raise loop.RunError(f"--vocab-size: the data has token id {top}, so the vocabulary "
                         f"needs at least {top + 1} entries (got {corpus.vocab_size})")
-  cfg = LlamaConfig.preset(args.model, vocab_size=corpus.vocab_size, max_seq_len=args.seq_len,
-                           scan_layers=args.scan_layers, remat=args.remat, dtype=args.dtype,
-                           param_dtype=args.param_dtype)
+  cfg = model_config(args, vocab_size=corpus.vocab_size, max_seq_len=args.seq_len)
   baseline = data.unigram_entropy(corpus.val, corpus.vocab_size)
   say(f"data: {corpus.description}; train {len(corpus.train):,} / validation "
       f"{len(corpus.val):,} tokens")
@@ -316,7 +350,7 @@ def run(args) -> dict:
     batch_shape = (args.micro_batches, micro, args.seq_len + 1)
     abstract_batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)
     compiled = setup.compile_step(abstract_batch, batch_sharding, say)
-    eval_step = setup.jit_eval(steps.make_eval_step(setup.graphdef), eval_sharding)
+    eval_step = setup.jit_eval(steps.make_eval_step(setup.eval_graphdef), eval_sharding)
 
     def evaluate(params) -> dict:
       total = count = 0.0

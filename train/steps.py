@@ -1,8 +1,9 @@
 """The model side of training: train state, loss, the train and eval steps.
 
 The train state is a plain dict `{"step", "params", "opt_state"}` of arrays (plus
-`"health"`, the counters of a `train.faults.Guard`, when the step has one), so Orbax saves
-it as-is and the optimizer sees the pure-dict parameter tree (the tree that
+`"health"`, the counters of a `train.faults.Guard`, when the step has one, and
+`"velora"`, the model's VeLoRA buffers, when its config selects VeLoRA layers), so Orbax
+saves it as-is and the optimizer sees the pure-dict parameter tree (the tree that
 `models.lowrank_spec` describes).
 """
 
@@ -20,6 +21,7 @@ from models import sharding as shd
 from models.config import LlamaConfig
 from models.llama import Llama
 from models.lowrank import pure_dict
+from models.velora import VeLoRAState
 from train.faults import Guard
 
 State = dict[str, Any]
@@ -54,6 +56,11 @@ def masked_batch(tokens: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
   return {"tokens": tokens, "mask": mask}
 
 
+def _masked_loss(model, batch, scale):
+  losses = cross_entropy(model(batch["tokens"][:, :-1]), batch["tokens"][:, 1:])
+  return scale * jnp.sum(losses * batch["mask"].astype(jnp.float32))
+
+
 def make_masked_loss_fn(graphdef):
   """loss(params, {"tokens" (b, T+1), "mask" (b, T)}, scale) → scale · Σ mask · CE.
 
@@ -63,22 +70,42 @@ def make_masked_loss_fn(graphdef):
   masked-in token of the batch, however unevenly they fall in the micro-batches.
   """
   def loss_fn(params, batch, scale):
-    model = nnx.merge(graphdef, params)
-    tokens = batch["tokens"]
-    losses = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
-    return scale * jnp.sum(losses * batch["mask"].astype(jnp.float32))
+    return _masked_loss(nnx.merge(graphdef, params), batch, scale)
   return loss_fn
 
 
+def make_grad_fn(graphdef, scale=None):
+  """grad(params, micro, velora) → (loss, grads, velora after the call).
+
+  `micro` is a token array (the mean next-token loss) or, with `scale`, a `masked_batch`
+  dict (`make_masked_loss_fn`'s loss). `velora` is the model's VeLoRA buffers (pure
+  dict), or None for a model without VeLoRA layers; the first call sets each layer's `v`
+  from its batch, later calls keep it.
+  """
+  def loss_fn(params, micro, velora):
+    model = nnx.merge(graphdef, params, *(() if velora is None else (velora,)))
+    if scale is None:
+      loss = jnp.mean(cross_entropy(model(micro[:, :-1]), micro[:, 1:]))
+    else:
+      loss = _masked_loss(model, micro, scale)
+    return loss, None if velora is None else pure_dict(nnx.state(model, VeLoRAState))
+
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grad(params, micro, velora):
+    (loss, velora), grads = value_and_grad(params, micro, velora)
+    return loss, grads, velora
+  return grad
+
+
 def _grad_fn(graphdef, batch):
-  """(value_and_grad of the loss of one micro-batch, k) for `batch` (k micro-batches):
-  the mean loss of a token array, the masked loss of a `masked_batch` dict."""
+  """(`make_grad_fn` for one micro-batch, k) for `batch` (k micro-batches): the mean loss
+  of a token array, the masked loss of a `masked_batch` dict."""
   k = jax.tree.leaves(batch)[0].shape[0]
   if not isinstance(batch, dict):
-    return jax.value_and_grad(make_loss_fn(graphdef)), k
+    return make_grad_fn(graphdef), k
   scale = k / jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
-  grad_fn = jax.value_and_grad(make_masked_loss_fn(graphdef))
-  return (lambda params, micro: grad_fn(params, micro, scale)), k
+  return make_grad_fn(graphdef, scale), k
 
 
 def place(x: jax.Array, spec: P) -> jax.Array:
@@ -115,6 +142,9 @@ def make_state_fn(tx: optax.GradientTransformation, param_specs=None, *,
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
     if guard is not None:
       state["health"] = guard.init()
+    velora = nnx.state(model, VeLoRAState)
+    if jax.tree.leaves(velora):
+      state["velora"] = pure_dict(velora)
     return state
   return init
 
@@ -141,10 +171,12 @@ def _guarded(guard, state, loss, norm, apply):
   return params, opt_state, health, metrics
 
 
-def _new_state(state, params, opt_state, health):
+def _new_state(state, params, opt_state, health, velora=None):
   new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
   if health is not None:
     new["health"] = health
+  if velora is not None:
+    new["velora"] = velora
   return new
 
 
@@ -165,12 +197,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None,
     zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
 
     def micro(carry, tokens):
-      loss_sum, grad_sum = carry
-      loss, grads = grad_fn(params, tokens)
+      loss_sum, grad_sum, velora = carry
+      loss, grads, velora = grad_fn(params, tokens, velora)
       grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-      return (loss_sum + loss, grad_sum), None
+      return (loss_sum + loss, grad_sum, velora), None
 
-    (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch)
+    carry = (jnp.zeros((), jnp.float32), zeros, state.get("velora"))
+    (loss, grads, velora), _ = jax.lax.scan(micro, carry, batch)
     loss = loss / k
     grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
     norm = optax.tree.norm(grads)
@@ -183,7 +216,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None,
     metrics = {"loss": loss, "grad_norm": norm, **checks}
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
-    return _new_state(state, new_params, opt_state, health), metrics
+    return _new_state(state, new_params, opt_state, health, velora), metrics
 
   return step
 
@@ -201,29 +234,30 @@ def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0,
   also what a `guard` checks (with the loss); a rejected step drops the accumulators.
   A `masked_batch` dict trains on its masked-in tokens, as in `make_train_step`.
   """
-  def micro_grads(grad_fn, params, tokens):
-    loss, grads = grad_fn(params, tokens)
+  def micro_grads(grad_fn, params, tokens, velora):
+    loss, grads, velora = grad_fn(params, tokens, velora)
     norm = optax.tree.norm(grads)
     if clip and clip > 0:
       factor = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
       grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
-    return loss, norm, grads
+    return loss, norm, grads, velora
 
   def step(state: State, batch: jax.Array):
     grad_fn, k = _grad_fn(graphdef, batch)
     params = state["params"]
 
     def micro(carry, tokens):
-      loss_sum, norm_sum, opt_state = carry
-      loss, norm, grads = micro_grads(grad_fn, params, tokens)
+      loss_sum, norm_sum, opt_state, velora = carry
+      loss, norm, grads, velora = micro_grads(grad_fn, params, tokens, velora)
       opt_state = tx.accumulate(grads, opt_state, params)
-      return (loss_sum + loss, norm_sum + norm, opt_state), None
+      return (loss_sum + loss, norm_sum + norm, opt_state, velora), None
 
     zero = jnp.zeros((), jnp.float32)
-    (loss, norm, opt_state), _ = jax.lax.scan(
-        micro, (zero, zero, state["opt_state"]), jax.tree.map(lambda x: x[:-1], batch))
-    last_loss, last_norm, grads = micro_grads(grad_fn, params,
-                                              jax.tree.map(lambda x: x[-1], batch))
+    (loss, norm, opt_state, velora), _ = jax.lax.scan(
+        micro, (zero, zero, state["opt_state"], state.get("velora")),
+        jax.tree.map(lambda x: x[:-1], batch))
+    last_loss, last_norm, grads, velora = micro_grads(
+        grad_fn, params, jax.tree.map(lambda x: x[-1], batch), velora)
     loss, norm = (loss + last_loss) / k, (norm + last_norm) / k
 
     def apply():
@@ -234,7 +268,7 @@ def make_subspace_train_step(graphdef, tx, schedule=None, clip: float = 0.0,
     metrics = {"loss": loss, "micro_grad_norm": norm, **checks}
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
-    return _new_state(state, new_params, new_opt_state, health), metrics
+    return _new_state(state, new_params, new_opt_state, health, velora), metrics
 
   return step
 

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 # Flags that decide the train state's arrays: a resumed run must keep them.
 SHAPE_FLAGS = ("model", "optimizer", "rank", "proj_type", "opt_args", "scan_layers",
-               "param_dtype", "weight_quant", "spike_window", "tokenizer", "vocab_size")
+               "param_dtype", "weight_quant", "spike_window", "tokenizer", "vocab_size",
+               "velora", "velora_groups")
 # Flags that name where things go, not what is trained: not compared on resume.
 PLACE_FLAGS = ("config", "out", "ckpt_dir", "stop_at", "mesh_shape")
 MIN_FREE_BYTES = 1 << 20  # --out needs at least this much free space
