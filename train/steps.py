@@ -124,7 +124,11 @@ def make_init_fn(cfg: LlamaConfig, tx: optax.GradientTransformation, param_specs
   from_params = make_state_fn(tx, param_specs, store=store, guard=guard)
   def init(key):
     model = Llama(cfg, rngs=nnx.Rngs(params=key))
-    return from_params(pure_dict(nnx.state(model, nnx.Param)))
+    state = from_params(pure_dict(nnx.state(model, nnx.Param)))
+    velora = nnx.state(model, VeLoRAState)
+    if jax.tree.leaves(velora):
+      state["velora"] = pure_dict(velora)
+    return state
   return init
 
 
@@ -142,9 +146,6 @@ def make_state_fn(tx: optax.GradientTransformation, param_specs=None, *,
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
     if guard is not None:
       state["health"] = guard.init()
-    velora = nnx.state(model, VeLoRAState)
-    if jax.tree.leaves(velora):
-      state["velora"] = pure_dict(velora)
     return state
   return init
 
