@@ -60,12 +60,36 @@ def _nbytes(x) -> int:
   return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
-def _owner(path, param_paths, names) -> Optional[int]:
-  """The parameter whose key path occurs in ``path``; the longest wins.
+def param_owner(path, param_paths, names) -> Optional[int]:
+  """The parameter that a leaf of an optimizer state belongs to.
 
-  Under ``LowRankState.bases`` and ``combine_states`` a leaf is keyed by its
-  path name (``"layers/mlp/wi"``, see ``shapes.path_name``) instead: ``names``
-  maps those to parameter indices.
+  The parameter whose key path occurs in ``path``; the longest wins. Under
+  ``LowRankState.bases`` and ``combine_states`` a leaf is keyed by its path
+  name (``"layers/mlp/wi"``, see ``shapes.path_name``) instead. Used by
+  ``state_bytes`` and by ``sampling.layerwise`` (which freezes the state of
+  layers not drawn).
+
+  Args:
+    path: The state leaf's key path (a tuple of ``jax.tree_util`` keys).
+    param_paths: Each parameter leaf's key path, in tree order.
+    names: ``shapes.path_name`` of each projected parameter → its index.
+
+  Returns:
+    The index of the owning parameter leaf, or ``None`` (a count, a key).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from optax_lowrank import memory
+    >>> params = {"w": jnp.ones((2, 3))}
+    >>> state = optax.adam(1e-3).init(params)
+    >>> paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    >>> [memory.param_owner(tuple(p), paths, {}) for p, _ in
+    ...  jax.tree_util.tree_flatten_with_path(state)[0]]
+    [None, 0, 0]
+
+  References:
+    Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, ICML 2024
+    (the state it accounts for).
   """
   for prev, key in zip(path, path[1:]):
     if (isinstance(prev, jax.tree_util.GetAttrKey) and prev.name in _KEYED_BY_NAME
@@ -114,7 +138,7 @@ def state_bytes(tx: optax.GradientTransformation, params: Any) -> StateMemory:
   for path, leaf in jax.tree.flatten_with_path(
       state, is_leaf=lambda x: isinstance(x, LeafBasis)
   )[0]:
-    owner = _owner(tuple(path), param_paths, names)
+    owner = param_owner(tuple(path), param_paths, names)
     if isinstance(leaf, LeafBasis):
       if owner is not None:
         ranks[owner] = leaf.rank

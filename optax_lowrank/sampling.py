@@ -191,7 +191,7 @@ def _state_layers(state, params, layers: _Layers) -> list[Union[None, int, str]]
   names = {name: i for i, name in enumerate(layers.names)}
   out = []
   for path, leaf in jax.tree.flatten_with_path(state)[0]:
-    i = memory._owner(tuple(path), param_paths, names)  # pylint: disable=protected-access
+    i = memory.param_owner(tuple(path), param_paths, names)
     layer = None if i is None else layers.of[i]
     if layer == STACKED and (jnp.ndim(leaf) < 1
                              or leaf.shape[0] != layers.num_layers):

@@ -138,16 +138,20 @@ class Checkpointer:
       return None
     return custom.get("flags")
 
+  def array_metadata(self, step: int) -> Any:
+    """The saved train state's tree of array metadata (shapes, dtypes) at `step`."""
+    metadata = self._manager.item_metadata(step)
+    if metadata is None:
+      raise FileNotFoundError(f"no item metadata in {self.path(step)}")
+    return metadata
+
   def mismatch(self, step: int, abstract_state: Any) -> str | None:
     """How the saved train state's arrays differ from `abstract_state`'s (None: alike)."""
     def table(tree):
       flat = jax.tree_util.tree_flatten_with_path(tree)[0]
       return {jax.tree_util.keystr(p, simple=True, separator="/"):
               (tuple(x.shape), str(jax.numpy.dtype(x.dtype))) for p, x in flat}
-    metadata = self._manager.item_metadata(step)
-    if metadata is None:
-      raise FileNotFoundError(f"no item metadata in {self.path(step)}")
-    saved, wanted = table(metadata), table(abstract_state)
+    saved, wanted = table(self.array_metadata(step)), table(abstract_state)
     for name in sorted(set(saved) | set(wanted)):
       a, b = saved.get(name), wanted.get(name)
       if a != b:

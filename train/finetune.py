@@ -137,7 +137,7 @@ class Source:
     if args.scan_layers is not None and args.scan_layers != scan:
       raise RunError(f"--scan-layers: the checkpoint in {path} was saved with "
                      f"--{'' if scan else 'no-'}scan-layers; fine-tuning keeps its layout")
-    vocab = ckpt._manager.item_metadata(step)["params"]["embed"].shape[0]
+    vocab = ckpt.array_metadata(step)["params"]["embed"].shape[0]
     cfg = LlamaConfig.preset(flags.get("model", "tiny"), vocab_size=vocab,
                              max_seq_len=flags.get("seq_len") or 256, scan_layers=scan,
                              remat=args.remat, dtype=args.dtype,
