@@ -227,6 +227,14 @@ def coap(s):
   return per_leaf, 3 * INT32
 
 
+def golore(s):
+  """GaLore's moments and basis (the SVD's side, later a random orthonormal matrix of
+  the same shape, in the parameters' dtype); Hugging Face Adam as the authors' code."""
+  per_leaf = {k: _moments(k, RANK, s) + _svd_basis(k, RANK, s) for k in MATRICES}
+  per_leaf["bias"] = _full_adam("bias", s)
+  # lowrank_project's count, uncorrected Adam's count, bias correction's count.
+  return per_leaf, 3 * INT32
+
 
 def gradnorm_lorp(s):
   """GaLore's state for the direction's gradient (moments and basis in the parameters'
@@ -287,6 +295,7 @@ CASES = {
     "grass": [("", dict(rank=RANK), grass)],
     "adarankgrad": [("", dict(rank=RANK), adarankgrad)],
     "coap": [("", dict(rank=RANK), coap)],
+    "golore": [("", dict(rank=RANK), golore)],
     "gradnorm_lorp": [("", dict(rank=RANK), gradnorm_lorp)],
     "gum": [
         ("stacked", dict(rank=RANK, full_rank_layers=1,
