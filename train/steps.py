@@ -44,10 +44,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def make_loss_fn(graphdef) -> Callable[[Any, jax.Array], jax.Array]:
   """loss(params, tokens (b, T+1)) → mean next-token cross-entropy."""
   def loss_fn(params, tokens):
-    model = nnx.merge(graphdef, params)
-    logits = model(tokens[:, :-1])
-    return jnp.mean(cross_entropy(logits, tokens[:, 1:]))
+    return _mean_loss(nnx.merge(graphdef, params), tokens)
   return loss_fn
+
+
+def _mean_loss(model, tokens):
+  return jnp.mean(cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]))
 
 
 def masked_batch(tokens: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -85,7 +87,7 @@ def make_grad_fn(graphdef, scale=None):
   def loss_fn(params, micro, velora):
     model = nnx.merge(graphdef, params, *(() if velora is None else (velora,)))
     if scale is None:
-      loss = jnp.mean(cross_entropy(model(micro[:, :-1]), micro[:, 1:]))
+      loss = _mean_loss(model, micro)
     else:
       loss = _masked_loss(model, micro, scale)
     return loss, None if velora is None else pure_dict(nnx.state(model, VeLoRAState))
