@@ -177,28 +177,35 @@ AUTO_MESH_ALIASES = ("galore", "apollo", "vlorp", "frugal_blocks", "grass", "q_g
                      "coap", "dct_adamw")
 
 
+def _inputs():
+  """Parameters, two gradients and their specs (both matrix axes sharded)."""
+  return aliases._tree(0), [aliases._tree(s) for s in (1, 2)], aliases.SPECS["both"]
+
+
+def _two_updates_equal_the_unsharded_run(name, update, state, mesh, sp, grads, specs):
+  """Each update equals the unsharded run's (2e-5) and keeps the state's types."""
+  types = jax.tree.map(jax.typeof, state)
+  for g, want in zip(grads, aliases._unsharded_run(name)[:2]):
+    u, state = update(_put(mesh, g, specs), state, sp)
+    assert jax.tree.map(jax.typeof, state) == types
+    for k in aliases.SHAPES:
+      got, ref = np.asarray(u[k]), np.asarray(want[k])
+      assert np.linalg.norm(got - ref) <= 2e-5 * np.linalg.norm(ref), (name, k)
+
+
 @pytest.mark.parametrize("name", AUTO_MESH_ALIASES)
 def test_auto_mesh_equals_unsharded_with_stable_state_types(mesh, name):
   """Under an Auto mesh (no explicit shardings: the library takes its unsharded paths
   and XLA's propagation shards), init and two jitted updates on parameters and
   gradients sharded along both matrix axes equal the unsharded run, and the state's
   types after each update are those after init."""
-  tx = aliases.ALIASES[name]()
-  expected = aliases._unsharded_run(name)[:2]
-  params, grads = aliases._tree(0), [aliases._tree(s) for s in (1, 2)]
-  specs = aliases.SPECS["both"]
+  tx, params, grads, specs = aliases.ALIASES[name](), *_inputs()
   auto = jax.make_mesh((4, 2), ("a", "b"), axis_types=AUTO)
   with jax.set_mesh(auto):
     sp = _put(auto, params, specs)
     state = jax.jit(tx.init)(sp)
-    types = jax.tree.map(jax.typeof, state)
     update = jax.jit(tx.update)
-    for g, want in zip(grads, expected):
-      u, state = update(_put(auto, g, specs), state, sp)
-      assert jax.tree.map(jax.typeof, state) == types
-      for k in aliases.SHAPES:
-        got, ref = np.asarray(u[k]), np.asarray(want[k])
-        assert np.linalg.norm(got - ref) <= 2e-5 * np.linalg.norm(ref), (name, k)
+    _two_updates_equal_the_unsharded_run(name, update, state, auto, sp, grads, specs)
 
 
 @pytest.mark.parametrize("name", ("vlorp", "frugal_blocks", "q_galore"))
@@ -208,10 +215,7 @@ def test_state_shardings_from_an_explicit_mesh_lay_out_an_auto_mesh_run(mesh, na
   ``out_shardings`` to ``init`` and ``update`` jitted under an Auto mesh of the same
   devices. That needs the same tree structure on both meshes; the state is then laid out
   like the parameters and the updates equal the unsharded run."""
-  tx = aliases.ALIASES[name]()
-  expected = aliases._unsharded_run(name)[:2]
-  params, grads = aliases._tree(0), [aliases._tree(s) for s in (1, 2)]
-  specs = aliases.SPECS["both"]
+  tx, params, grads, specs = aliases.ALIASES[name](), *_inputs()
   explicit = jax.make_mesh((4, 2), ("a", "b"), axis_types=EXPLICIT)
   with jax.set_mesh(explicit):
     abstract = jax.eval_shape(tx.init, _put(explicit, params, specs))
@@ -224,11 +228,5 @@ def test_state_shardings_from_an_explicit_mesh_lay_out_an_auto_mesh_run(mesh, na
   with jax.set_mesh(auto):
     sp = _put(auto, params, specs)
     state = jax.jit(tx.init, out_shardings=shardings)(sp)
-    types = jax.tree.map(jax.typeof, state)
     update = jax.jit(tx.update, out_shardings=(param_shardings, shardings))
-    for g, want in zip(grads, expected):
-      u, state = update(_put(auto, g, specs), state, sp)
-      assert jax.tree.map(jax.typeof, state) == types
-      for k in aliases.SHAPES:
-        got, ref = np.asarray(u[k]), np.asarray(want[k])
-        assert np.linalg.norm(got - ref) <= 2e-5 * np.linalg.norm(ref), (name, k)
+    _two_updates_equal_the_unsharded_run(name, update, state, auto, sp, grads, specs)
