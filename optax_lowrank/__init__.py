@@ -12,6 +12,7 @@ from optax_lowrank import projectors
 from optax_lowrank import quantize
 from optax_lowrank import sampling
 from optax_lowrank import schedules
+from optax_lowrank import spread
 from optax_lowrank import weight_norm
 from optax_lowrank import unbiased
 from optax_lowrank.accumulation import MultiSteps
@@ -84,6 +85,7 @@ __all__ = [
     "quantize",
     "sampling",
     "schedules",
+    "spread",
     "unbiased",
     "vlorp",
     "weight_norm",

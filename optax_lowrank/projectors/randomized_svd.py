@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from optax_lowrank import shapes
+from optax_lowrank import spread
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.svd import LeftBasis, RightBasis, svd
 from optax_lowrank.projectors.base import Projector
@@ -54,30 +55,11 @@ def _spec(batch: Optional[tuple[Any, ...]], *entries) -> Optional[P]:
 
 
 def _per_matrix(fn, x: jax.Array) -> jax.Array:
-  """``fn`` (a LAPACK-backed map of one ``k × k`` matrix) over a stack.
-
-  The stack is made replicated first: these matrices are small, and
-  ``jnp.linalg.cholesky`` refuses a batch axis sharded under an explicit mesh.
-  As in ``svd._svd``, on CPU a stack goes one matrix at a time, since jaxlib's
-  batched LAPACK kernels block on the shared intra-op pool and deadlock when
-  several simulated devices call them at once; other platforms batch.
-  """
-  spec = shapes.explicit_spec(x)
-  if spec is not None and any(e is not None for e in spec):
-    x = jax.sharding.reshard(x, P())
-  else:
-    spec = None
-
-  def one_at_a_time(x):
-    flat = x.reshape((-1,) + x.shape[-2:])
-    out = jax.lax.map(fn, flat)
-    return out.reshape(x.shape[:-2] + out.shape[1:])
-
-  if x.ndim == 2:
-    out = fn(x)
-  else:
-    out = jax.lax.platform_dependent(x, cpu=one_at_a_time, default=fn)
-  return out if spec is None else jax.sharding.reshard(out, P(*spec))
+  """``fn`` (a LAPACK-backed map of one ``k × k`` matrix) over a stack, each
+  device computing only its share (``spread.map_matrices``), the result laid
+  out as ``x`` was (``jnp.linalg.cholesky`` refuses a batch axis sharded under
+  an explicit mesh, so the stack is never factorized in place)."""
+  return shapes.reshard_like(spread.map_matrices(fn, x), x)
 
 
 def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
@@ -90,10 +72,10 @@ def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
   shift = shift[..., None, None]
   gram = gram + shift * eye
 
-  def one(c):
+  def one(c):  # closes over no array: it runs inside a shard_map
     factor = jnp.linalg.cholesky(c)
-    return jax.scipy.linalg.solve_triangular(
-        factor, jnp.broadcast_to(eye, c.shape), lower=True)
+    identity = jnp.broadcast_to(jnp.eye(k, dtype=c.dtype), c.shape)
+    return jax.scipy.linalg.solve_triangular(factor, identity, lower=True)
 
   return _per_matrix(one, gram)
 

@@ -6,9 +6,8 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
-from optax_lowrank import shapes
+from optax_lowrank import spread
 from optax_lowrank.projectors import matmul
 from optax_lowrank.projectors.base import Projector
 
@@ -69,33 +68,10 @@ def _canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 def _svd(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Reduced SVD of a stack of matrices ``(batch..., p, q)``.
-
-  On CPU a stack is factorized one matrix at a time: jaxlib's batched LAPACK
-  kernel fans the batch out over the shared intra-op thread pool and blocks on
-  it, which deadlocks once several simulated devices do so at once (seen with
-  stacked layers on 8 CPU devices). CPU devices share the host's cores anyway,
-  so nothing is lost; other platforms keep the batched (layer-parallel) call.
-  """
-  batched = lambda x: tuple(jnp.linalg.svd(x, full_matrices=False))
-  if g.ndim == 2:
-    return batched(g)
-  spec = shapes.explicit_spec(g)
-
-  def one_at_a_time(x):
-    if spec is not None:
-      x = jax.sharding.reshard(x, P())
-    flat = x.reshape((-1,) + x.shape[-2:])
-    outs = jax.lax.map(batched, flat)
-    outs = tuple(o.reshape(x.shape[:-2] + o.shape[1:]) for o in outs)
-    if spec is not None:
-      outs = tuple(
-          jax.sharding.reshard(o, P(*spec[:-2], *(None,) * (o.ndim - len(spec) + 2)))
-          for o in outs
-      )
-    return outs
-
-  return jax.lax.platform_dependent(g, cpu=one_at_a_time, default=batched)
+  """Reduced SVD of a stack of matrices ``(batch..., p, q)``, each device
+  factorizing only its share of the stack (``spread.map_matrices``)."""
+  return spread.map_matrices(
+      lambda x: tuple(jnp.linalg.svd(x, full_matrices=False)), g)
 
 
 def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> Projector:
@@ -143,7 +119,7 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
 
   def refresh(ctx, g, basis):
     del ctx
-    g = shapes.gather_matrices(g.astype(jnp.float32))
+    g = g.astype(jnp.float32)
     # g = Gᵀ = A S Bᴴ, so G = B S Aᵀ: U = Bᴴᵀ and Vh = Aᵀ.
     a, _, bh = _svd(g)
     u, vh = _canonical_signs(jnp.swapaxes(bh, -1, -2), jnp.swapaxes(a, -1, -2))
