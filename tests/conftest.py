@@ -17,7 +17,10 @@ multiply-adds), which every tolerance covers; the bit-exact tests compare runs
 compiled under the same flags.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault(
     "XLA_FLAGS",
@@ -26,6 +29,14 @@ os.environ.setdefault(
     " --xla_backend_optimization_level=0",
 )
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# A persistent compilation cache private to this test process (each pytest-xdist worker
+# has its own: JAX's cache files are written without a lock): the trainer's tests compile
+# the same init, step and eval programs many times, and programs that take over a second
+# to compile (JAX's default threshold) are then loaded instead. Subprocesses the tests
+# start inherit it through the environment.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 
 import jax  # noqa: E402  (after the flags above)
