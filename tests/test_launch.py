@@ -174,6 +174,22 @@ def test_tensorboard_events_hold_every_metric(tiny_run):
     assert scalars[key] == np.float32(value), key  # stored as float32
 
 
+def test_tensorboard_hides_the_steps_a_resumed_run_repeats(tmp_path):
+  """A resumed run's writer marks a restart at the step after the checkpoint's (TensorBoard
+  then hides the earlier file's events from there on, as metrics.jsonl drops them)."""
+  from tensorboardX.proto import event_pb2
+  log = types.SimpleNamespace(write=lambda record: None, close=lambda: None)
+  writer = telemetry.TensorBoardLog(log, str(tmp_path), resume_step=2)
+  writer.write({"step": 3, "loss": 1.5})
+  writer.close()
+  (path,) = tmp_path.glob("events.out.tfevents.*")
+  events = _read_events(path)
+  assert [(e.step, e.session_log.status) for e in events if e.HasField("session_log")] == [
+      (3, event_pb2.SessionLog.START)]
+  assert [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value] == [
+      (3, "loss", 1.5)]
+
+
 def test_throughput_per_device_and_mfu(tiny_run):
   _, out, _ = tiny_run
   cfg = LlamaConfig.tiny(max_seq_len=32)

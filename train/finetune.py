@@ -244,7 +244,7 @@ def run(args) -> dict:
                       {"args": vars(args), "model": cfg.to_dict(), "finetune": True})
     log = loop.MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume, enabled=lead,
                           say=say)
-    log = telemetry.with_tensorboard(log, args, lead)
+    log = telemetry.with_tensorboard(log, args, lead, resume)
     abstract_batch = steps.masked_batch(
         jax.ShapeDtypeStruct((*shape, seq_len + 1), np.int32, sharding=batch_sharding),
         jax.ShapeDtypeStruct((*shape, seq_len), np.float32, sharding=batch_sharding))

@@ -427,7 +427,7 @@ def run(args) -> dict:
                       {"args": vars(args), "model": cfg.to_dict(), "unigram_baseline": baseline})
     log = loop.MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume, enabled=lead,
                           say=say)
-    log = telemetry.with_tensorboard(log, args, lead)
+    log = telemetry.with_tensorboard(log, args, lead, resume)
     micro = args.batch_size // args.micro_batches
     batch_shape = (args.micro_batches, micro, args.seq_len + 1)
     abstract_batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)

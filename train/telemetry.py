@@ -69,12 +69,15 @@ class TensorBoardLog:
   Args:
     log: The metrics log written first (`train.loop.MetricsLog`).
     directory: Where the event file goes.
+    resume_step: The step a resumed run starts from: TensorBoard hides the earlier
+      files' events past it (`purge_step`), as the metrics log drops its records.
   """
 
-  def __init__(self, log, directory: str):
+  def __init__(self, log, directory: str, resume_step: int | None = None):
     from tensorboardX import SummaryWriter
     self.log = log
-    self.writer = SummaryWriter(directory)
+    self.writer = SummaryWriter(directory, purge_step=None if resume_step is None
+                                else resume_step + 1)
 
   def write(self, record: dict) -> None:
     self.log.write(record)
@@ -88,11 +91,11 @@ class TensorBoardLog:
     self.log.close()
 
 
-def with_tensorboard(log, args, lead: bool):
+def with_tensorboard(log, args, lead: bool, resume_step: int | None = None):
   """`log`, also writing `<out>/tensorboard` if `--tensorboard` (on the lead process)."""
   if not (args.tensorboard and lead):
     return log
-  return TensorBoardLog(log, os.path.join(args.out, "tensorboard"))
+  return TensorBoardLog(log, os.path.join(args.out, "tensorboard"), resume_step)
 
 
 class Profile:
