@@ -55,7 +55,7 @@ def _records(out):
     (["--dcn-mesh", "data=3"], "--dcn-mesh", "does not divide the 8 devices"),
     (["--dcn-mesh", "pipeline=2"], "--dcn-mesh", "tensor"),
     (["--dcn-mesh", "data=-1"], "--dcn-mesh", "positive"),
-    (["--mesh", "fsdp=8", "--dcn-mesh", "data=2"], "--mesh", "per slice: 8 devices"),
+    (["--mesh", "fsdp=8", "--dcn-mesh", "data=2"], "--mesh", "must multiply to 8"),
     (["--profile-steps", "3,2"], "--profile-steps", "START <= END"),
     (["--profile-steps", "5,5", "--steps", "4"], "--profile-steps", "--steps (4)"),
     (["--log-every", "0"], "--log-every", "positive"),

@@ -248,8 +248,10 @@ def check_common(args, error, num_devices: int | None = None) -> None:
   try:  # --mesh is each granule's part: dcn × ici sizes multiply to the device count
     ici = shd.parse_mesh(args.mesh, num_devices // granules)
   except ValueError as e:
-    error(f"--mesh: {e}" + (f" (per slice: {num_devices} devices / --dcn-mesh "
-                            f"{granules})" if granules > 1 else ""))
+    error(f"--mesh: {e}" + (f" per slice: --dcn-mesh {args.dcn_mesh} makes {granules} "
+                            f"slices (or hosts) of {num_devices // granules}; the --mesh and "
+                            f"--dcn-mesh sizes must multiply to {num_devices}"
+                            if granules > 1 else ""))
   args.mesh_shape = {k: ici[k] * args.dcn_shape[k] for k in ici}
   shards = args.mesh_shape["data"] * args.mesh_shape["fsdp"]
   if args.batch_size % args.micro_batches:
