@@ -252,7 +252,8 @@ def _free_port():
 def test_two_processes_train_as_one(tiny_run, tmp_path):
   """`python -m train.pretrain` as 2 processes of 4 CPU devices each (jax.distributed
   over gloo, our JAX_* variables), their 8 devices a hybrid mesh (DCN data=2 across the
-  processes, fsdp=4 in each): both end with the single-process 8-device run's losses."""
+  processes, fsdp=4 in each), one run directory: both end with the single-process
+  8-device run's losses; the lead alone writes the metrics."""
   summary, out, _ = tiny_run
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
              JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES="2",
@@ -261,15 +262,20 @@ def test_two_processes_train_as_one(tiny_run, tmp_path):
              " --xla_backend_optimization_level=0")
   code = ("import json, sys; from train import pretrain; "
           "print('summary', json.dumps(pretrain.main(sys.argv[1:])))")
-  procs = [subprocess.Popen(
-      [sys.executable, "-c", code, *RUN, "--mesh", "fsdp=4", "--dcn-mesh", "data=2",
-       "--out", str(tmp_path / f"p{i}")], cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    results = [p.communicate(timeout=180) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
+  logs = [(tmp_path / f"{i}.out", tmp_path / f"{i}.err") for i in range(2)]
+  with contextlib.ExitStack() as files:  # files, not pipes: a full pipe would block one
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", code, *RUN, "--mesh", "fsdp=4", "--dcn-mesh", "data=2",
+         "--out", str(tmp_path)], cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
+        stdout=files.enter_context(open(o, "w")), stderr=files.enter_context(open(e, "w")))
+        for i, (o, e) in enumerate(logs)]
+    try:
+      for p in procs:
+        p.wait(timeout=180)
+    finally:
+      for p in procs:
+        p.kill()
+  results = [(o.read_text(), e.read_text()) for o, e in logs]
   for p, (stdout, stderr) in zip(procs, results):
     assert p.returncode == 0, stderr[-3000:]
     assert "\r" not in stdout + stderr
@@ -278,8 +284,7 @@ def test_two_processes_train_as_one(tiny_run, tmp_path):
   summaries = [json.loads(s.split("summary ", 1)[1]) for s, _ in results]
   assert summaries[0]["val_loss"] == summaries[1]["val_loss"]
   assert summaries[0]["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
-  ours = [(r["step"], r["loss"]) for r in _records(tmp_path / "p0") if "loss" in r]
+  ours = [(r["step"], r["loss"]) for r in _records(tmp_path) if "loss" in r]
   want = [(r["step"], r["loss"]) for r in _records(out) if "loss" in r]
-  assert [s for s, _ in ours] == [s for s, _ in want] == [1, 2, 3]
+  assert [s for s, _ in ours] == [s for s, _ in want] == [1, 2, 3]  # written once
   np.testing.assert_allclose([l for _, l in ours], [l for _, l in want], rtol=1e-5)
-  assert not (tmp_path / "p1" / "metrics.jsonl").exists()  # the lead process writes

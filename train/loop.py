@@ -256,7 +256,9 @@ def train(args, state, compiled, batch_at: Callable[[int], Any],
   if flops_per_token and not peak:
     note(f"MFU not logged: no peak FLOP/s known for {jax.devices()[0].device_kind} "
          "(see --peak-tflops)")
-  profile = telemetry.Profile(args.profile_steps, os.path.join(args.out, "profile"))
+  profile = telemetry.Profile(args.profile_steps, os.path.join(  # one dir per process
+      args.out, "profile", *([f"process_{jax.process_index()}"]
+                             if jax.process_count() > 1 else [])))
   pending, last_time = None, time.perf_counter()
 
   def report(step_done: int, metrics) -> None:
