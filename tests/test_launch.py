@@ -126,6 +126,8 @@ def test_granules_that_do_not_match_the_slices_are_refused():
 ])
 def test_distributed_arguments_from_the_environment(env, expected):
   assert pretrain.distributed_arguments(env) == expected
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID: expected an integer, got 'one'"):
+    pretrain.distributed_arguments({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "one"})
 
 
 def _crc32c(data: bytes) -> int:

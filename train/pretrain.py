@@ -293,10 +293,14 @@ def distributed_arguments(env) -> dict | None:
   several SLURM tasks, mpirun (Open MPI) with several ranks, TPU workers on GKE.
   """
   if env.get("JAX_COORDINATOR_ADDRESS"):
-    return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
-            **{name: int(env[var]) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
-                                                      ("process_id", "JAX_PROCESS_ID"))
-               if env.get(var)}}
+    kwargs = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"]}
+    for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+      if env.get(var):
+        try:
+          kwargs[name] = int(env[var])
+        except ValueError:
+          raise ValueError(f"{var}: expected an integer, got {env[var]!r}") from None
+    return kwargs
   several = lambda var: int(env.get(var) or 1) > 1
   tpu_workers = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
   if (("SLURM_STEP_NODELIST" in env and several("SLURM_NTASKS"))
@@ -312,7 +316,10 @@ def maybe_initialize_distributed() -> None:
   slice's hosts by itself and the call, which finds them from the metadata server, adds
   the coordination service that multi-host checkpointing uses (as MaxText does)."""
   import jax
-  kwargs = distributed_arguments(os.environ)
+  try:
+    kwargs = distributed_arguments(os.environ)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
   if kwargs is not None:
     jax.distributed.initialize(**kwargs)
     return
