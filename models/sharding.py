@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import contextlib
+import math
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -40,17 +41,35 @@ RULES: Rules = (
 )
 
 
-def parse_mesh(text: str, num_devices: int) -> dict[str, int]:
-  """Parses `data=1,fsdp=-1,tensor=1`; one axis may be -1 (all remaining devices)."""
+def _parse_sizes(text: str, fill: bool) -> dict[str, int]:
+  """`data=2,tensor=4` → a size per axis of `MESH_AXES` (1 if not named); `fill`: one
+  size may be -1."""
   shape = {name: 1 for name in MESH_AXES}
   for item in filter(None, (s.strip() for s in text.split(","))):
     name, sep, value = item.partition("=")
     if not sep or name.strip() not in MESH_AXES:
       raise ValueError(f"expected NAME=SIZE with NAME in {MESH_AXES}, got {item!r}")
-    shape[name.strip()] = int(value)
+    try:
+      shape[name.strip()] = int(value)
+    except ValueError:
+      raise ValueError(f"expected an integer size, got {item!r}") from None
+  fills = [k for k, v in shape.items() if v == -1]
+  if len(fills) > fill or any(v == 0 or v < -1 for v in shape.values()):
+    raise ValueError(f"sizes must be positive{', with at most one -1' if fill else ''}; "
+                     f"got {text!r}")
+  return shape
+
+
+def parse_dcn_mesh(text: str) -> dict[str, int]:
+  """Parses `data=2`: how many slices (or hosts) each mesh axis spans, over the
+  data-center network (MaxText's `dcn_*_parallelism`); unnamed axes are 1."""
+  return _parse_sizes(text, fill=False)
+
+
+def parse_mesh(text: str, num_devices: int) -> dict[str, int]:
+  """Parses `data=1,fsdp=-1,tensor=1`; one axis may be -1 (all remaining devices)."""
+  shape = _parse_sizes(text, fill=True)
   fill = [k for k, v in shape.items() if v == -1]
-  if len(fill) > 1 or any(v == 0 or v < -1 for v in shape.values()):
-    raise ValueError(f"sizes must be positive, with at most one -1; got {text!r}")
   known = 1
   for v in shape.values():
     known *= v if v > 0 else 1
@@ -66,14 +85,60 @@ def parse_mesh(text: str, num_devices: int) -> dict[str, int]:
   return shape
 
 
-def make_mesh(shape: Mapping[str, int], *, explicit: bool = True,
-              devices=None) -> jax.sharding.Mesh:
+def make_mesh(shape: Mapping[str, int], *, explicit: bool = True, devices=None,
+              dcn: Mapping[str, int] | None = None) -> jax.sharding.Mesh:
   """A device mesh over `MESH_AXES` (Explicit axes by default, Auto if asked), over all
-  devices or the given ones."""
+  devices or the given ones.
+
+  Args:
+    shape: Each axis's size (over all devices).
+    explicit: Explicit axis types; else Auto.
+    devices: The devices (default: all).
+    dcn: How many granules (slices, else processes) each axis spans: `shape` divided by
+      it is each granule's part, laid out on its fast interconnect (ICI, NVLink) by
+      `mesh_utils.create_hybrid_device_mesh`, and the granules are tiled along the DCN
+      axes. With a single slice and a single process (or a process count that is not
+      the granule count) the mesh is the plain one of `shape`.
+  """
   kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+  types = (kind,) * len(MESH_AXES)
   sizes = tuple(shape.get(name, 1) for name in MESH_AXES)
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(kind,) * len(MESH_AXES),
-                       devices=devices)
+  dcn_sizes = tuple((dcn or {}).get(name, 1) for name in MESH_AXES)
+  every = jax.devices() if devices is None else list(devices)
+  granule = granule_attribute(every, math.prod(dcn_sizes))
+  if granule is None:
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=types, devices=devices)
+  return jax.sharding.Mesh(hybrid_devices(sizes, dcn_sizes, every, granule), MESH_AXES,
+                           axis_types=types)
+
+
+def granule_attribute(devices, num_granules: int) -> str | None:
+  """What a DCN granule is for `num_granules` (> 1) granules: `slice_index` when the
+  devices span several slices (TPU multislice), else `process_index` when there are
+  exactly `num_granules` processes (a GPU cluster, one process per host); None (a plain
+  mesh) when there is one granule. Raises ValueError when the slices do not match."""
+  if num_granules == 1:
+    return None
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  if len(slices) > 1:
+    if len(slices) != num_granules:
+      raise ValueError(f"the devices span {len(slices)} slices, but the DCN sizes "
+                       f"multiply to {num_granules}")
+    return "slice_index"
+  if len({d.process_index for d in devices}) == num_granules:
+    return "process_index"
+  return None
+
+
+def hybrid_devices(sizes: Sequence[int], dcn_sizes: Sequence[int], devices,
+                   granule: str = "slice_index"):
+  """The device array of a hybrid mesh: axis sizes `sizes` (over all devices), of which
+  each granule (devices sharing `granule`, ordered by it) holds `sizes / dcn_sizes`;
+  along every axis the granules are outermost (`mesh_utils.create_hybrid_device_mesh`)."""
+  from jax.experimental import mesh_utils
+  ici = [s // d for s, d in zip(sizes, dcn_sizes)]
+  return mesh_utils.create_hybrid_device_mesh(
+      ici, dcn_sizes, devices, process_is_granule=granule == "process_index")
 
 
 def set_mesh(mesh):

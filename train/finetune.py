@@ -187,7 +187,7 @@ def run(args) -> dict:
   import jax
   import numpy as np
   from models import sharding as shd
-  from train import data, evals, instruct, loop, optimizers, steps, validate
+  from train import data, evals, instruct, loop, optimizers, steps, telemetry, validate
   from train.plot import plot_runs
 
   refused = optimizers.refused_flags(args.optimizer, args)
@@ -197,7 +197,7 @@ def run(args) -> dict:
   say = print if lead else (lambda *a, **k: None)
   flags = validate.flags_of(args)
   ckpt, resume = loop.open_checkpoints(args, flags, lead, say)
-  mesh = shd.make_mesh(args.mesh_shape, explicit=args.shard_mode == "explicit")
+  mesh = pretrain.build_mesh(args, say)
   source = Source(args, mesh)
   tok = source.tokenizer
   seq_len = args.seq_len or source.cfg.max_seq_len
@@ -244,6 +244,7 @@ def run(args) -> dict:
                       {"args": vars(args), "model": cfg.to_dict(), "finetune": True})
     log = loop.MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume, enabled=lead,
                           say=say)
+    log = telemetry.with_tensorboard(log, args, lead, resume)
     abstract_batch = steps.masked_batch(
         jax.ShapeDtypeStruct((*shape, seq_len + 1), np.int32, sharding=batch_sharding),
         jax.ShapeDtypeStruct((*shape, seq_len), np.float32, sharding=batch_sharding))
@@ -308,7 +309,7 @@ def run(args) -> dict:
     state, step, after, stop = loop.train(
         args, state, compiled, batch_at, evaluate, ckpt=ckpt, flags=flags, log=log,
         vocab_size=cfg.vocab_size, tokens_per_step=args.batch_size * seq_len, lead=lead,
-        describe=_describe)
+        flops_per_token=telemetry.flops_per_token(cfg, seq_len), describe=_describe)
     if stop:
       say(f"stopped ({stop}) at step {step}"
           + (f"; checkpoint saved in {args.ckpt_dir}" if ckpt else ""))

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ import jax
 from tqdm import tqdm
 
 from models import sharding as shd
-from train import faults, optimizers, steps, weight_quant
+from train import faults, optimizers, steps, telemetry, weight_quant
 
 
 class RunError(Exception):
@@ -226,11 +227,16 @@ def put(batch, sharding):
 
 def train(args, state, compiled, batch_at: Callable[[int], Any],
           evaluate: Callable[[Any], dict], *, ckpt, flags: dict, log: MetricsLog,
-          vocab_size: int, tokens_per_step: int, lead: bool, describe=None):
+          vocab_size: int, tokens_per_step: int, lead: bool, describe=None,
+          flops_per_token: float | None = None):
   """Runs the loop from `state["step"]` to `--steps`: train steps on `batch_at(step)`
   (a device batch), metrics one step late, `evaluate(params)` (a dict of floats) every
   `--eval-every` steps and at the end, checkpoints when due, at the end and on SIGTERM or
   SIGINT, a non-finite streak ending the run. Call under the mesh.
+
+  Progress is a bar on a terminal, else a line every `--log-every` steps; the metrics
+  add tokens/s per device and, given `flops_per_token` (`telemetry.flops_per_token`)
+  and a known peak (`--peak-tflops`), MFU; `--profile-steps` traces steps.
 
   Returns (state, step, evaluation or None, stop reason or None); the final checkpoint
   is finished. `describe(evaluation)` gives the words of the line printed after each
@@ -242,9 +248,17 @@ def train(args, state, compiled, batch_at: Callable[[int], Any],
   start = int(jax.device_get(state["step"]))
   watch = faults.Watch(args.max_nonfinite_steps, start, vocab_size)
   evaluation = None
-  bar = tqdm(total=args.steps, initial=start, disable=not lead, dynamic_ncols=True,
-             desc=f"{args.optimizer}")
+  terminal = sys.stderr.isatty()  # where the bar goes; a redirected log gets lines
+  bar = tqdm(total=args.steps, initial=start, disable=not (lead and terminal),
+             dynamic_ncols=True, desc=f"{args.optimizer}")
   note = bar.write if lead else (lambda *a, **k: None)
+  peak = telemetry.peak_flops(jax.devices()[0].device_kind, args.peak_tflops)
+  if flops_per_token and not peak:
+    note(f"MFU not logged: no peak FLOP/s known for {jax.devices()[0].device_kind} "
+         "(see --peak-tflops)")
+  profile = telemetry.Profile(args.profile_steps, os.path.join(  # one dir per process
+      args.out, "profile", *([f"process_{jax.process_index()}"]
+                             if jax.process_count() > 1 else [])))
   pending, last_time = None, time.perf_counter()
 
   def report(step_done: int, metrics) -> None:
@@ -253,7 +267,9 @@ def train(args, state, compiled, batch_at: Callable[[int], Any],
     now = time.perf_counter()
     dt, last_time = now - last_time, now
     record = {"step": step_done, **metrics, "step_time": dt,
-              "tokens_per_s": tokens_per_step / dt}
+              "tokens_per_s": tokens_per_step / dt,
+              **telemetry.throughput(tokens_per_step, dt, jax.device_count(),
+                                     flops_per_token, peak)}
     log.write(record)
     for line in watch.observe(step_done, metrics):
       note(line)
@@ -262,6 +278,10 @@ def train(args, state, compiled, batch_at: Callable[[int], Any],
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
                     step_s=f"{dt:.2f}")
     bar.update(1)
+    if not terminal and (step_done % args.log_every == 0 or step_done == args.steps):
+      note(f"step {step_done}/{args.steps}: loss {metrics['loss']:.4f}, "
+           f"{tokens_per_step / dt:,.0f} tokens/s, {dt:.3f} s/step"
+           + (f", MFU {record['mfu']:.1%}" if "mfu" in record else ""))
 
   def save(step_done: int) -> bool:
     """Checkpoints a healthy state (its last step finite, every array finite); a save
@@ -289,7 +309,9 @@ def train(args, state, compiled, batch_at: Callable[[int], Any],
   with faults.Signals() as signals:
     try:
       while step < args.steps:
+        profile.before(step + 1, state)
         state, metrics = compiled(state, batch_at(step))
+        profile.after(step + 1, state)
         if pending is not None:
           report(*pending)
         step += 1
@@ -317,6 +339,7 @@ def train(args, state, compiled, batch_at: Callable[[int], Any],
       if pending is not None:
         report(*pending)
     finally:
+      profile.close()
       bar.close()
     if watch.diverged:
       _diverged(ckpt, watch, step, log)

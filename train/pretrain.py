@@ -145,6 +145,10 @@ def add_run_flags(g) -> None:
   g.add_argument("--eval-batch-size", type=int, default=None, help="default: micro-batch")
   g.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
                  help="data=D,fsdp=F,tensor=T; one size may be -1 (remaining devices)")
+  g.add_argument("--dcn-mesh", default="", metavar="AXIS=SIZE,...",
+                 help="multislice or multi-host: how many slices (TPU) or hosts (one process "
+                 "each) each mesh axis spans over the data-center network, e.g. data=2; "
+                 "--mesh then gives each slice's part (MaxText's dcn_*_parallelism)")
   g.add_argument("--shard-mode", choices=("explicit", "auto"), default="explicit",
                  help="mesh axis types: explicit (shardings in the types) or auto (the "
                  "compiler propagates them; MaxText's default)")
@@ -155,6 +159,17 @@ def add_run_flags(g) -> None:
   g.add_argument("--keep", type=int, default=3, help="checkpoints kept")
   g.add_argument("--stop-at", type=int, default=None,
                  help="checkpoint and exit at this step, as on SIGTERM (time-sliced jobs)")
+  g.add_argument("--log-every", type=int, default=10,
+                 help="steps between progress lines when stderr is not a terminal (a "
+                 "redirected log gets lines instead of the progress bar)")
+  g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                 help="also write the metrics as TensorBoard scalars in <out>/tensorboard")
+  g.add_argument("--profile-steps", type=_ints, default=None, metavar="START,END",
+                 help="trace steps START..END (counted from 1) with jax.profiler into "
+                 "<out>/profile")
+  g.add_argument("--peak-tflops", type=float, default=None,
+                 help="each device's peak TFLOP/s for the logged MFU (default: by device "
+                 "kind; none known on CPU)")
 
 
 def add_fault_flags(g) -> None:
@@ -223,9 +238,21 @@ def check_common(args, error, num_devices: int | None = None) -> None:
     import jax
     num_devices = jax.device_count()
   try:
-    args.mesh_shape = shd.parse_mesh(args.mesh, num_devices)
+    args.dcn_shape = shd.parse_dcn_mesh(args.dcn_mesh)
   except ValueError as e:
-    error(f"--mesh: {e}")
+    error(f"--dcn-mesh: {e}")
+  granules = math.prod(args.dcn_shape.values())
+  if num_devices % granules:
+    error(f"--dcn-mesh: its sizes multiply to {granules}, which does not divide the "
+          f"{num_devices} devices")
+  try:  # --mesh is each granule's part: dcn × ici sizes multiply to the device count
+    ici = shd.parse_mesh(args.mesh, num_devices // granules)
+  except ValueError as e:
+    error(f"--mesh: {e}" + (f" per slice: --dcn-mesh {args.dcn_mesh} makes {granules} "
+                            f"slices (or hosts) of {num_devices // granules}; the --mesh and "
+                            f"--dcn-mesh sizes must multiply to {num_devices}"
+                            if granules > 1 else ""))
+  args.mesh_shape = {k: ici[k] * args.dcn_shape[k] for k in ici}
   shards = args.mesh_shape["data"] * args.mesh_shape["fsdp"]
   if args.batch_size % args.micro_batches:
     error(f"--batch-size ({args.batch_size}) must be divisible by --micro-batches "
@@ -257,16 +284,79 @@ def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None
   return args
 
 
+def distributed_arguments(env) -> dict | None:
+  """The keyword arguments of `jax.distributed.initialize` for a process launched with
+  the environment `env`, or None when nothing shows other processes.
+
+  JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID: a launch by hand
+  (jax itself reads only the address). Otherwise jax finds everything: an srun step of
+  several SLURM tasks, mpirun (Open MPI) with several ranks, TPU workers on GKE.
+  """
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    kwargs = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"]}
+    for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+      if env.get(var):
+        try:
+          kwargs[name] = int(env[var])
+        except ValueError:
+          raise ValueError(f"{var}: expected an integer, got {env[var]!r}") from None
+    return kwargs
+  several = lambda var: int(env.get(var) or 1) > 1
+  tpu_workers = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+  if (("SLURM_STEP_NODELIST" in env and several("SLURM_NTASKS"))
+      or ("OMPI_MCA_orte_hnp_uri" in env and several("OMPI_COMM_WORLD_SIZE"))
+      or len(tpu_workers.split(",")) > 1):
+    return {}
+  return None
+
+
 def maybe_initialize_distributed() -> None:
-  """`jax.distributed.initialize()` when launched as one of several processes."""
-  env = os.environ
-  multi = (env.get("JAX_COORDINATOR_ADDRESS")
-           or int(env.get("SLURM_NTASKS", "1")) > 1
-           or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-           or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
-  if multi:
-    import jax
-    jax.distributed.initialize()
+  """`jax.distributed.initialize` when launched as one of several processes (see
+  `distributed_arguments`), and on a Cloud TPU VM, where the TPU runtime joins a pod
+  slice's hosts by itself and the call, which finds them from the metadata server, adds
+  the coordination service that multi-host checkpointing uses (as MaxText does)."""
+  import jax
+  try:
+    kwargs = distributed_arguments(os.environ)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  if kwargs is not None:
+    jax.distributed.initialize(**kwargs)
+    return
+  try:  # set by `import jax` on a Cloud TPU VM (TPU chips and libtpu)
+    from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
+  except ImportError:
+    running_in_cloud_tpu_vm = False
+  if running_in_cloud_tpu_vm:
+    try:
+      jax.distributed.initialize()
+    except (OSError, RuntimeError, ValueError) as e:  # e.g. no GCE metadata server
+      why = (str(e).splitlines() or [type(e).__name__])[0]
+      print(f"jax.distributed.initialize() failed on this TPU VM ({why}); going on with "
+            "the TPU runtime alone")
+
+
+def build_mesh(args, say=print):
+  """The device mesh of `--mesh` and `--dcn-mesh` (a hybrid one across several slices or
+  hosts, which `say` names); a mismatch with the slices raises `train.loop.RunError`
+  naming the flag."""
+  import jax
+  from models import sharding as shd
+  from train.loop import RunError
+  granules = math.prod(args.dcn_shape.values())
+  try:
+    mesh = shd.make_mesh(args.mesh_shape, explicit=args.shard_mode == "explicit",
+                         dcn=args.dcn_shape)
+    granule = shd.granule_attribute(jax.devices(), granules)
+  except ValueError as e:
+    raise RunError(f"--dcn-mesh {args.dcn_mesh}: {e}") from None
+  if granules > 1:
+    part = {k: v // args.dcn_shape[k] for k, v in args.mesh_shape.items()}
+    units = {"slice_index": "slices", "process_index": "processes"}.get(granule)
+    say(f"--dcn-mesh {args.dcn_mesh}: " + (
+        f"a hybrid mesh over {granules} {units}, each holding {part}" if units else
+        f"one slice, and not {granules} processes: the plain mesh of these sizes"))
+  return mesh
 
 
 def fail(message: str):
@@ -289,7 +379,7 @@ def run(args) -> dict:
   import jax
   import numpy as np
   from models import sharding as shd
-  from train import data, loop, optimizers, steps, validate
+  from train import data, loop, optimizers, steps, telemetry, validate
   from train.plot import plot_runs
 
   refused = optimizers.refused_flags(args.optimizer, args)
@@ -327,7 +417,7 @@ def run(args) -> dict:
       f"{data.perplexity(baseline):.2f}")
 
   # mesh → abstract state → logical specs → shardings
-  mesh = shd.make_mesh(args.mesh_shape, explicit=args.shard_mode == "explicit")
+  mesh = build_mesh(args, say)
   setup = loop.Setup(args, cfg, mesh, say)
   say(f"model {args.model}: {setup.describe()}; mesh {dict(args.mesh_shape)} "
       f"({args.shard_mode}) on {jax.device_count()} {jax.devices()[0].platform} devices")
@@ -346,6 +436,7 @@ def run(args) -> dict:
                       {"args": vars(args), "model": cfg.to_dict(), "unigram_baseline": baseline})
     log = loop.MetricsLog(os.path.join(args.out, "metrics.jsonl"), resume, enabled=lead,
                           say=say)
+    log = telemetry.with_tensorboard(log, args, lead, resume)
     micro = args.batch_size // args.micro_batches
     batch_shape = (args.micro_batches, micro, args.seq_len + 1)
     abstract_batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sharding)
@@ -369,6 +460,7 @@ def run(args) -> dict:
     state, step, evaluation, stop = loop.train(
         args, state, compiled, batch_at, evaluate, ckpt=ckpt, flags=flags, log=log,
         vocab_size=corpus.vocab_size, tokens_per_step=args.batch_size * args.seq_len,
+        flops_per_token=telemetry.flops_per_token(cfg, args.seq_len),
         lead=lead, describe=lambda e: (f"validation loss {e['val_loss']:.4f}, perplexity "
                                        f"{e['val_ppl']:.2f}"))
     if stop:

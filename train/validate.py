@@ -20,8 +20,10 @@ from typing import Any, Callable
 SHAPE_FLAGS = ("model", "optimizer", "rank", "proj_type", "opt_args", "scan_layers",
                "param_dtype", "weight_quant", "spike_window", "tokenizer", "vocab_size",
                "velora", "velora_groups")
-# Flags that name where things go, not what is trained: not compared on resume.
-PLACE_FLAGS = ("config", "out", "ckpt_dir", "stop_at", "mesh_shape")
+# Flags that name where things go or what is reported, not what is trained: not
+# compared on resume.
+PLACE_FLAGS = ("config", "out", "ckpt_dir", "stop_at", "mesh_shape", "dcn_shape",
+               "log_every", "tensorboard", "profile_steps", "peak_tflops")
 MIN_FREE_BYTES = 1 << 20  # --out needs at least this much free space
 
 
@@ -34,7 +36,8 @@ def check(args, error: Callable[[str], None]) -> None:
   Flags a program does not have (fine-tuning has no corpus flags) are passed over."""
   for name in ("steps", "batch_size", "micro_batches", "eval_every", "eval_batches",
                "eval_batch_size", "update_proj_gap", "keep", "ckpt_every", "stop_at",
-               "seq_len", "vocab_size", "corpus_bytes", "max_nonfinite_steps"):
+               "seq_len", "vocab_size", "corpus_bytes", "max_nonfinite_steps",
+               "log_every"):
     value = getattr(args, name, None)
     if value is not None and value <= 0:
       error(f"{_flag(name)}: must be positive, got {value}")
@@ -44,13 +47,18 @@ def check(args, error: Callable[[str], None]) -> None:
     error(f"--spike-window: must be at least 2, got {args.spike_window}")
   if args.stop_at is not None and args.stop_at > args.steps:
     error(f"--stop-at: must be at most --steps ({args.steps}), got {args.stop_at}")
+  profile = args.profile_steps
+  if profile is not None and (len(profile) != 2 or not 1 <= profile[0] <= profile[1]
+                              or profile[0] > args.steps):
+    error(f"--profile-steps: expected START,END with 1 <= START <= END and START at most "
+          f"--steps ({args.steps}), got {','.join(map(str, profile))}")
   # floats: (name, low, high, low inclusive, high inclusive); None: no bound
   ranges = (("lr", 0, None, False, False), ("warmup", 0, 1, True, False),
             ("final_lr_fraction", 0, 1, True, True), ("weight_decay", 0, None, True, False),
             ("clip", 0, None, True, False), ("b1", 0, 1, True, False),
             ("b2", 0, 1, True, False), ("eps", 0, None, True, False),
             ("scale", 0, None, False, False), ("val_fraction", 0, 1, False, False),
-            ("spike_factor", 0, None, False, False))
+            ("spike_factor", 0, None, False, False), ("peak_tflops", 0, None, False, False))
   for name, low, high, low_in, high_in in ranges:
     value = getattr(args, name, None)
     if value is None:
