@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from optax_lowrank import shapes
@@ -73,14 +74,19 @@ def spread_axes(batch_shape: tuple[int, ...], mesh_shape: dict[str, int]
   return best
 
 
-def map_matrices(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
+def map_matrices(fn: Callable[[jax.Array], Any], x: jax.Array, *,
+                 owner: Optional[jax.Array] = None) -> Any:
   """``fn`` of each matrix of ``x``, each device computing only its share.
 
   Under an explicit mesh, ``x`` is resharded so that one batch axis is split
   over the mesh axes ``spread_axes`` picks (its matrix axes whole), and each
-  device applies ``fn`` to its own matrices inside a ``jax.shard_map``. Without
-  an explicit mesh (no mesh, or ``Auto`` axes, where XLA's propagation lays
-  the program out) and for a single matrix, ``fn`` runs where ``x`` is, its
+  device applies ``fn`` to its own matrices inside a ``jax.shard_map``. A
+  single matrix (an unstacked model's leaf) given an ``owner`` is factorized
+  by that device only (``owner`` modulo the device count, the others skip
+  ``fn`` in a per-device ``lax.cond``) and its result summed over the mesh, so
+  that leaves with different owners are factorized on different devices.
+  Otherwise (no mesh, ``Auto`` axes, where XLA's propagation lays the program
+  out, or a stack no mesh axis divides), ``fn`` runs where ``x`` is, its
   matrix axes gathered.
 
   Args:
@@ -88,6 +94,9 @@ def map_matrices(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
       (e.g. ``jnp.linalg.svd``); it must also accept a stack ``(k, p, q)``
       and map over it, as ``jnp.linalg`` functions do.
     x: ``(batch..., p, q)``.
+    owner: For a single matrix, the (int scalar, possibly traced) index of
+      the device that factorizes it, e.g. the leaf's ordinal; ``None``: every
+      device does.
 
   Returns:
     ``fn``'s outputs with ``x``'s batch axes in front; under an explicit mesh
@@ -102,17 +111,40 @@ def map_matrices(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
   """
   spec = shapes.explicit_spec(x)
   batch = x.shape[:-2]
-  if spec is None or not batch:
-    return _one_at_a_time(fn, shapes.gather_matrices(x))
+  if spec is None:
+    return _one_at_a_time(fn, x)
   mesh = jax.typeof(x).sharding.mesh
+  if not batch and owner is not None:
+    return _on_owner(fn, x, owner, mesh)
   axis, names = spread_axes(batch, dict(mesh.shape))
-  if axis is None:
-    return _one_at_a_time(fn, shapes.gather_matrices(x))
+  if axis is None:  # every device factorizes every matrix
+    return _one_at_a_time(fn, jax.sharding.reshard(x, P()))
   entries = [None] * x.ndim
   entries[axis] = names if len(names) > 1 else names[0]
   x = jax.sharding.reshard(x, P(*entries))
-  one = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape[-2:], x.dtype))
-  batch_entries = entries[:len(batch)]
-  out_specs = jax.tree.map(lambda o: P(*batch_entries, *(None,) * o.ndim), one)
+  # One spec for every output (a pytree prefix): split like x's batch axes.
   return jax.shard_map(lambda local: _one_at_a_time(fn, local), mesh=mesh,
-                       in_specs=P(*entries), out_specs=out_specs)(x)
+                       in_specs=P(*entries), out_specs=P(*entries[:len(batch)]))(x)
+
+
+def _on_owner(fn, x: jax.Array, owner: jax.Array, mesh) -> Any:
+  """``fn(x)`` computed on device ``owner`` (modulo the device count) only."""
+  names = tuple(n for n in mesh.axis_names if mesh.shape[n] > 1)
+  if not names:
+    return fn(x)
+  x = jax.sharding.reshard(x, P())
+
+  def local(x, owner):
+    index, devices = 0, 1
+    for name in reversed(names):  # the device's position, row-major
+      index = index + jax.lax.axis_index(name) * devices
+      devices *= mesh.shape[name]
+    one = jax.eval_shape(fn, x)
+    zeros = lambda x: jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), one)
+    out = jax.lax.cond(index == owner % devices, fn, zeros, x)
+    return jax.lax.psum(out, names)
+
+  # check_vma=False: the branches' results vary by device (one computes,
+  # the others give zeros) until the psum, which the type system can't see.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P()), out_specs=P(),
+                       check_vma=False)(x, jnp.asarray(owner, jnp.int32))
