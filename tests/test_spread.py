@@ -99,3 +99,70 @@ def test_refresh_factorizes_one_eighth_of_the_layers_per_device(projector):
   assert not [s for _, s in whole if np.prod(s) >= LAYERS * ROWS * COLS], whole
   a, b = np.asarray(out["w"], np.float64), np.asarray(ref["w"], np.float64)
   assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+
+
+def _device_index():
+  """Inside ``map_matrices``' ``shard_map``: this device's row-major index."""
+  return jax.lax.axis_index("data") * 4 + jax.lax.axis_index("fsdp")
+
+
+def test_each_device_factorizes_its_own_block_of_layers():
+  """``fn`` stamps each matrix with the index of the device that ran it: the
+  16 layers go to the 8 devices in blocks of 2, once each."""
+  mesh = _mesh()
+  _, sx = _stack(mesh, P(None, "fsdp", None))
+  stamp = lambda a: jnp.zeros(a.shape[:-2], jnp.int32) + _device_index()
+  with jax.set_mesh(mesh):
+    who = jax.jit(lambda a: spread.map_matrices(stamp, a))(sx)
+  np.testing.assert_array_equal(np.asarray(who), np.arange(LAYERS) // (LAYERS // 8))
+
+
+def test_an_unstacked_matrix_is_factorized_by_its_owner_only():
+  """A single matrix goes to device ``owner mod 8``; the result every device
+  gets is that device's alone (the others add zeros). In GaLore's update of
+  unstacked leaves the SVD sits in a per-device ``conditional`` on the
+  partition id, and the update equals the unsharded one."""
+  mesh = _mesh()
+  x = jax.random.normal(jax.random.key(1), (ROWS, COLS))
+  stamp = lambda a: jnp.ones((), jnp.int32) + _device_index()
+  with jax.set_mesh(mesh):
+    sx = jax.device_put(x, NamedSharding(mesh, P("fsdp", None)))
+    owners = [jax.jit(lambda a, k=k: spread.map_matrices(stamp, a, owner=k))(sx)
+              for k in (0, 5, 11)]
+  assert [int(o) for o in owners] == [1, 6, 4]
+
+  params = {f"w{i}": jax.random.normal(jax.random.key(i), (ROWS, COLS)) for i in range(3)}
+  tx = ol.lowrank_project(optax.scale_by_adam(), rank=8)
+  ref, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  with jax.set_mesh(mesh):
+    sparams = {k: jax.device_put(v, NamedSharding(mesh, P("fsdp", None)))
+               for k, v in params.items()}
+    state = jax.jit(tx.init)(sparams)
+    update = jax.jit(tx.update)
+    text = update.lower(sparams, state, sparams).compile().as_text()
+    out, _ = update(sparams, state, sparams)
+  branches = {name for line in text.splitlines() if " conditional(" in line
+              and "partition" not in line
+              for name in re.findall(r"%([\w.]+_spmd)", line.split("branch_computations=")[-1])}
+  computations = re.split(r"\n(?=\S)", text)
+  with_svd = [c.split(" ", 1)[0].lstrip("%") for c in computations if "gesdd" in c]
+  assert len(with_svd) == 3 and all(name in branches for name in with_svd), with_svd
+  assert text.count("partition-id()") >= 3
+  for k in params:
+    a, b = np.asarray(out[k], np.float64), np.asarray(ref[k], np.float64)
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+
+
+def test_a_stack_no_mesh_axis_divides_is_factorized_on_every_device():
+  """3 layers on a (2, 4) mesh, or any stack on a one-device mesh (its axes of size
+  1): the fallback factorizes the replicated stack and still matches float64."""
+  mesh = _mesh()
+  x = jax.random.normal(jax.random.key(2), (3, ROWS, COLS))
+  sv = lambda a: jnp.linalg.svd(a, compute_uv=False)
+  ref = np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
+  one = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
+  for m in (mesh, one):
+    with jax.set_mesh(m):
+      sx = jax.device_put(x, NamedSharding(m, P(None, "fsdp", None)))
+      s = jax.jit(lambda a: spread.map_matrices(sv, a))(sx)
+    np.testing.assert_allclose(np.asarray(s), ref, rtol=1e-5, atol=1e-5)
