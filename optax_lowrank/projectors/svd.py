@@ -67,11 +67,12 @@ def _canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]
   return u * sign, vh * jnp.swapaxes(sign, -1, -2)
 
 
-def _svd(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _svd(g: jax.Array, owner: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Reduced SVD of a stack of matrices ``(batch..., p, q)``, each device
-  factorizing only its share of the stack (``spread.map_matrices``)."""
+  factorizing only its share of the stack, or a single matrix on the device
+  ``owner`` (``spread.map_matrices``)."""
   return spread.map_matrices(
-      lambda x: tuple(jnp.linalg.svd(x, full_matrices=False)), g)
+      lambda x: tuple(jnp.linalg.svd(x, full_matrices=False)), g, owner=owner)
 
 
 def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> Projector:
@@ -118,10 +119,10 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
     return TwoSidedBasis(info.zeros("mr", dtype), info.zeros("rn", dtype))
 
   def refresh(ctx, g, basis):
-    del ctx
     g = g.astype(jnp.float32)
-    # g = Gᵀ = A S Bᴴ, so G = B S Aᵀ: U = Bᴴᵀ and Vh = Aᵀ.
-    a, _, bh = _svd(g)
+    # g = Gᵀ = A S Bᴴ, so G = B S Aᵀ: U = Bᴴᵀ and Vh = Aᵀ. An unstacked leaf
+    # is factorized on the device its group's index names (spread.py).
+    a, _, bh = _svd(g, ctx.group)
     u, vh = _canonical_signs(jnp.swapaxes(bh, -1, -2), jnp.swapaxes(a, -1, -2))
     if isinstance(basis, RightBasis):
       r = basis.vh.shape[-2]
