@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
 import sysconfig
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from models.config import BYTE_SPECIALS
+from train import paths
 
 DEFAULT_CORPUS_BYTES = 6_000_000
 TXT_CHUNK_BYTES = 8192
@@ -45,9 +47,9 @@ class BPETokenizer:
 
   def __init__(self, path: str):
     from tokenizers import Tokenizer  # optional: only needed with --tokenizer
-    self._tok = Tokenizer.from_file(path)
+    self._tok = Tokenizer.from_str(paths.resolve(path).read_text())
     self.vocab_size = self._tok.get_vocab_size()
-    self.name = os.path.basename(path)
+    self.name = paths.resolve(path).name
     ids = [self._tok.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<eos>")]
     self.eos_id = next((i for i in ids if i is not None), None)
     ids = [self._tok.token_to_id(t) for t in ("<s>", "<|begin_of_text|>", "<bos>")]
@@ -85,11 +87,11 @@ def stdlib_documents(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[tuple[str, s
   """(name, text) of the pydoc topics (one document) and the standard library's `*.py`
   files (sorted, up to `max_bytes` of them); deterministic for a given Python."""
   root = sysconfig.get_paths()["stdlib"]
-  paths = []
+  sources = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames
                          if d not in ("site-packages", "dist-packages", "__pycache__"))
-    paths.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
+    sources.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
   docs, total = [], 0
   try:  # one document: topics repeat each other's text, so they must not straddle the split
     from pydoc_data.topics import topics
@@ -97,7 +99,7 @@ def stdlib_documents(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[tuple[str, s
     docs.append(("pydoc_data/topics", text))
   except ImportError:
     pass
-  for path in sorted(paths):
+  for path in sorted(sources):
     if total >= max_bytes:
       break
     with open(path, "rb") as f:
@@ -113,8 +115,8 @@ class DataError(ValueError):
 
 def _jsonl_documents(path: str) -> list[tuple[str, str]]:
   docs = []
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for i, line in enumerate(f):
+  with paths.resolve(path).open("rb") as raw:
+    for i, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", errors="replace")):
       if not line.strip():
         continue
       try:
@@ -134,8 +136,7 @@ def file_documents(path: str) -> list[tuple[str, str]]:
   naming the file and the line."""
   if path.endswith(".jsonl"):
     return _jsonl_documents(path)
-  with open(path, encoding="utf-8", errors="replace") as f:
-    text = f.read()
+  text = paths.resolve(path).read_bytes().decode("utf-8", errors="replace")
   docs, start = [], 0
   while start < len(text):
     end = text.find("\n", start + TXT_CHUNK_BYTES)

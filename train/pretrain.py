@@ -175,11 +175,12 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
   wins); a bad config file is one line naming it (argparse exits with 2)."""
   pre, _ = parser.parse_known_args(argv)
   if pre.config:
-    if not os.path.isfile(pre.config):
+    from train import paths
+    config = paths.resolve(pre.config)
+    if not config.is_file():
       parser.error(f"--config: file not found: {pre.config}")
     try:
-      with open(pre.config) as f:
-        values = json.load(f)
+      values = json.loads(config.read_text())
     except json.JSONDecodeError as e:
       parser.error(f"--config: {pre.config}:{e.lineno}: invalid JSON ({e.msg}, column "
                    f"{e.colno})")
@@ -289,7 +290,7 @@ def run(args) -> dict:
   import jax
   import numpy as np
   from models import sharding as shd
-  from train import data, loop, optimizers, steps, validate
+  from train import data, loop, optimizers, paths, steps, validate
   from train.plot import plot_runs
 
   refused = optimizers.refused_flags(args.optimizer, args)
@@ -333,7 +334,7 @@ def run(args) -> dict:
       f"({args.shard_mode}) on {jax.device_count()} {jax.devices()[0].platform} devices")
   setup.check_disk(ckpt)
 
-  os.makedirs(args.out, exist_ok=True)
+  paths.resolve(args.out).mkdir(parents=True, exist_ok=True)
   batch_sharding = steps.batch_sharding(mesh)
   eval_sharding = steps.batch_sharding(mesh, micro_batched=False)
 
