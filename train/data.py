@@ -5,6 +5,11 @@ The default corpus needs no download: the Python standard library's own source f
 validation by a hash of their name, so the split is deterministic and disjoint. Batch `i`
 is a pure function of `(seed, i)`, which makes a resumed run see exactly the batches the
 uninterrupted run would have seen.
+
+A `.bin` token file is memory-mapped and split by blocks of `BIN_BLOCK_TOKENS` without
+copying (`Blocks`); a batch reads only the windows it samples, and a process of a
+multi-process run only its own rows of them (`rows`). A remote `.bin` (`gs://...`) is read
+whole into memory; mount a large one (gcsfuse) to memory-map it instead.
 """
 
 from __future__ import annotations
@@ -146,13 +151,51 @@ def file_documents(path: str) -> list[tuple[str, str]]:
   return docs
 
 
+class Blocks:
+  """Blocks `blocks` (ascending) of `BIN_BLOCK_TOKENS` tokens of `tokens` (a memory map),
+  seen as one token array without copying them: `len`, indexing by integer arrays (which
+  reads only the tokens indexed), `chunks()` and `np.asarray` (which copies them all)."""
+
+  def __init__(self, tokens: np.ndarray, blocks: Iterable[int]):
+    self.tokens, self.blocks = tokens, np.asarray(list(blocks), np.int64)
+    self.dtype = tokens.dtype
+    sizes = np.minimum(len(tokens) - self.blocks * BIN_BLOCK_TOKENS, BIN_BLOCK_TOKENS)
+    self._len = int(sizes.sum())
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index) -> np.ndarray:
+    index = np.asarray(index)
+    block, offset = np.divmod(index, BIN_BLOCK_TOKENS)
+    return self.tokens[self.blocks[block] * BIN_BLOCK_TOKENS + offset]
+
+  def chunks(self) -> Iterator[np.ndarray]:
+    for b in self.blocks:
+      yield self.tokens[b * BIN_BLOCK_TOKENS:(b + 1) * BIN_BLOCK_TOKENS]
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    out = np.concatenate(list(self.chunks())) if len(self.blocks) else np.zeros(0, self.dtype)
+    return out if dtype is None else out.astype(dtype)
+
+
+def _chunks(tokens) -> Iterator[np.ndarray]:
+  """`tokens` (an array or `Blocks`) in pieces that each fit in memory."""
+  if isinstance(tokens, Blocks):
+    yield from tokens.chunks()
+  else:
+    yield tokens
+
+
 @dataclasses.dataclass
 class Corpus:
-  """Train and validation token streams (documents joined with an end-of-text token)."""
-  train: np.ndarray
-  val: np.ndarray
+  """Train and validation token streams (documents joined with an end-of-text token);
+  `top` is the largest token id in either."""
+  train: np.ndarray | Blocks
+  val: np.ndarray | Blocks
   vocab_size: int
   description: str
+  top: int
 
 
 def _join(parts: list[np.ndarray], eos: int | None, dtype) -> np.ndarray:
@@ -164,52 +207,71 @@ def _join(parts: list[np.ndarray], eos: int | None, dtype) -> np.ndarray:
 def load_corpus(data: str | None = None, *, tokenizer=None, data_dtype: str = "uint16",
                 val_fraction: float = 0.05, max_bytes: int = DEFAULT_CORPUS_BYTES,
                 vocab_size: int | None = None) -> Corpus:
-  """Loads and tokenizes the corpus; `.bin` files are already token ids (`data_dtype`)."""
+  """Loads and tokenizes the corpus; `.bin` files are already token ids (`data_dtype`),
+  memory-mapped (read into memory if remote) and split by blocks without a copy."""
   if data is not None and data.endswith(".bin"):
-    tokens = np.fromfile(data, dtype=np.dtype(data_dtype))
+    tokens = _token_file(data, np.dtype(data_dtype))
     if not len(tokens):
       raise DataError(f"{data}: no tokens (the file is empty)")
-    blocks = [tokens[i:i + BIN_BLOCK_TOKENS] for i in range(0, len(tokens), BIN_BLOCK_TOKENS)]
-    train, val = ([block for _, block in part] for part in
-                  split_documents([(f"block{i}", b) for i, b in enumerate(blocks)], val_fraction))
-    vocab = vocab_size or int(tokens.max()) + 1
-    return Corpus(_join(train, None, tokens.dtype), _join(val, None, tokens.dtype), vocab,
-                  f"{data}: {len(tokens):,} tokens")
+    count = -(-len(tokens) // BIN_BLOCK_TOKENS)
+    train, val = ([int(name[5:]) for name, _ in part] for part in
+                  split_documents([(f"block{i}", None) for i in range(count)], val_fraction))
+    top = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
+    return Corpus(Blocks(tokens, train), Blocks(tokens, val), vocab_size or top + 1,
+                  f"{data}: {len(tokens):,} tokens", top)
   tokenizer = tokenizer or ByteTokenizer()
   docs = file_documents(data) if data is not None else stdlib_documents(max_bytes)
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
   train, val = ([tokenizer.encode(text) for _, text in part]
                 for part in split_documents(docs, val_fraction))
   what = data or f"Python {sysconfig.get_python_version()} stdlib + pydoc topics"
-  corpus = Corpus(_join(train, tokenizer.eos_id, dtype), _join(val, tokenizer.eos_id, dtype),
-                  tokenizer.vocab_size,
-                  f"{what}: {len(docs):,} documents, tokenizer {tokenizer.name}")
-  return corpus
+  train, val = _join(train, tokenizer.eos_id, dtype), _join(val, tokenizer.eos_id, dtype)
+  top = int(max((part.max() for part in (train, val) if len(part)), default=0))
+  return Corpus(train, val, tokenizer.vocab_size,
+                f"{what}: {len(docs):,} documents, tokenizer {tokenizer.name}", top)
 
 
-def sample_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int,
-                 seq_len: int) -> np.ndarray:
-  """Training batch `step`: `batch_size` random windows of `seq_len + 1` tokens.
+def _token_file(path: str, dtype: np.dtype) -> np.ndarray:
+  """The tokens of a `.bin` file: a read-only memory map, or in memory if remote."""
+  if paths.is_remote(path):
+    return np.frombuffer(paths.resolve(path).read_bytes(), dtype)
+  if not os.path.getsize(path):
+    return np.zeros(0, dtype)  # np.memmap refuses an empty file
+  return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _windows(tokens, starts: np.ndarray, seq_len: int) -> np.ndarray:
+  return np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], np.int32)
+
+
+def sample_batch(tokens, seed: int, step: int, batch_size: int, seq_len: int,
+                 rows: np.ndarray | None = None) -> np.ndarray:
+  """Training batch `step`: `batch_size` random windows of `seq_len + 1` tokens, or only
+  its `rows` (indices into the batch; a process's share of it), reading only those.
 
   A pure function of `(seed, step)` (its own NumPy generator), so resuming at any step
   reproduces the same data.
   """
   rng = np.random.default_rng([seed, step])
   starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
-  return tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+  return _windows(tokens, starts if rows is None else starts[rows], seq_len)
 
 
-def eval_batch(tokens: np.ndarray, index: int, batch_size: int, seq_len: int) -> np.ndarray:
-  """Validation batch `index`: consecutive non-overlapping windows (wrapping around)."""
+def eval_batch(tokens, index: int, batch_size: int, seq_len: int,
+               rows: np.ndarray | None = None) -> np.ndarray:
+  """Validation batch `index`: consecutive non-overlapping windows (wrapping around), or
+  only its `rows`."""
   n = (len(tokens) - 1) // seq_len
-  rows = (index * batch_size + np.arange(batch_size)) % n
-  return tokens[rows[:, None] * seq_len + np.arange(seq_len + 1)].astype(np.int32)
+  windows = (index * batch_size + np.arange(batch_size)) % n
+  return _windows(tokens, (windows if rows is None else windows[rows]) * seq_len, seq_len)
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-  """Entropy (nats/token) of the token frequencies of `tokens`: the loss of the best
-  context-free predictor fitted to this very split, a floor for any unigram model."""
-  counts = np.bincount(tokens.astype(np.int64), minlength=vocab_size).astype(np.float64)
+def unigram_entropy(tokens, vocab_size: int) -> float:
+  """Entropy (nats/token) of the token frequencies of `tokens` (an array or `Blocks`,
+  counted block by block): the loss of the best context-free predictor fitted to this
+  very split, a floor for any unigram model."""
+  counts = sum(np.bincount(chunk.astype(np.int64), minlength=vocab_size)
+               for chunk in _chunks(tokens)).astype(np.float64)
   p = counts[counts > 0] / counts.sum()
   return float(-(p * np.log(p)).sum())
 

@@ -248,6 +248,25 @@ def put(batch, sharding):
       lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), batch)
 
 
+def local_rows(shape: tuple[int, ...], index_map) -> np.ndarray:
+  """The rows (flat indices over all axes but the last) of a batch of `shape` that the
+  device slices of `index_map` (`sharding.addressable_devices_indices_map(shape)`)
+  hold, sorted: this process's share of the batch."""
+  grid = np.arange(math.prod(shape[:-1])).reshape(shape[:-1])
+  return np.unique(np.concatenate([grid[idx[:-1]].ravel() for idx in index_map.values()]))
+
+
+def put_rows(rows_of: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...], sharding):
+  """A global token batch of `shape` laid out by `sharding`, of which this process
+  materialises only its own rows: `rows_of(rows)` gives those rows (flat indices over
+  all axes but the last) as an array of shape (len(rows), shape[-1])."""
+  grid = np.arange(math.prod(shape[:-1])).reshape(shape[:-1])
+  rows = local_rows(shape, sharding.addressable_devices_indices_map(shape))
+  local = rows_of(rows)
+  return jax.make_array_from_callback(
+      shape, sharding, lambda idx: local[np.searchsorted(rows, grid[idx[:-1]])][..., idx[-1]])
+
+
 def train(args, state, compiled, batch_at: Callable[[int], Any],
           evaluate: Callable[[Any], dict], *, ckpt, flags: dict, log: MetricsLog,
           vocab_size: int, tokens_per_step: int, lead: bool, describe=None):

@@ -316,10 +316,10 @@ def run(args) -> dict:
         f"--val-fraction {args.val_fraction}: the validation split has {len(corpus.val)} "
         f"tokens, too few for --seq-len {args.seq_len} (raise --val-fraction, or give "
         "more --data)")
-  top = int(max(corpus.train.max(), corpus.val.max()))
-  if top >= corpus.vocab_size:
-    raise loop.RunError(f"--vocab-size: the data has token id {top}, so the vocabulary "
-                        f"needs at least {top + 1} entries (got {corpus.vocab_size})")
+  if corpus.top >= corpus.vocab_size:
+    raise loop.RunError(f"--vocab-size: the data has token id {corpus.top}, so the "
+                        f"vocabulary needs at least {corpus.top + 1} entries (got "
+                        f"{corpus.vocab_size})")
   cfg = model_config(args, vocab_size=corpus.vocab_size, max_seq_len=args.seq_len)
   baseline = data.unigram_entropy(corpus.val, corpus.vocab_size)
   say(f"data: {corpus.description}; train {len(corpus.train):,} / validation "
@@ -353,19 +353,22 @@ def run(args) -> dict:
     compiled = setup.compile_step(abstract_batch, batch_sharding, say)
     eval_step = setup.jit_eval(steps.make_eval_step(setup.eval_graphdef), eval_sharding)
 
+    eval_shape = (args.eval_batch_size, args.seq_len + 1)
+
     def evaluate(params) -> dict:
       total = count = 0.0
       for j in range(args.eval_batches):
-        tokens = data.eval_batch(corpus.val, j, args.eval_batch_size, args.seq_len)
-        s, n = eval_step(params, loop.put(tokens, eval_sharding))
+        tokens = loop.put_rows(lambda rows: data.eval_batch(
+            corpus.val, j, args.eval_batch_size, args.seq_len, rows), eval_shape, eval_sharding)
+        s, n = eval_step(params, tokens)
         total, count = total + float(s), count + float(n)
       loss = total / count
       return {"val_loss": loss, "val_ppl": data.perplexity(loss)}
 
-    def batch_at(step: int):
-      batch = data.sample_batch(corpus.train, args.seed, step, args.batch_size,
-                                args.seq_len).reshape(batch_shape)
-      return loop.put(batch, batch_sharding)
+    def batch_at(step: int):  # each process reads only its rows of the global batch
+      return loop.put_rows(lambda rows: data.sample_batch(
+          corpus.train, args.seed, step, args.batch_size, args.seq_len, rows),
+                           batch_shape, batch_sharding)
 
     state, step, evaluation, stop = loop.train(
         args, state, compiled, batch_at, evaluate, ckpt=ckpt, flags=flags, log=log,
