@@ -1,11 +1,14 @@
 """Data at scale: memory-mapped `.bin` token files split without copying, and batches of
 which each process reads and places only its own rows."""
 
+import json
+
 import jax
 import numpy as np
+import pytest
 
 from models import sharding as shd
-from train import data, loop, steps
+from train import data, loop, pretrain, steps, tokenize
 
 SEQ, BATCH = 16, 8
 
@@ -91,3 +94,55 @@ def test_a_process_places_only_the_rows_its_devices_hold():
   placed = loop.put_rows(rows_of, shape, steps.batch_sharding(mesh))
   np.testing.assert_array_equal(jax.device_get(placed), batch)
   np.testing.assert_array_equal(asked[0], np.arange(8))  # one process: every row
+
+
+def _word_tokenizer(path):
+  """A tokenizer.json of a word-level vocabulary with an end-of-text token `</s>`."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  words = ["<unk>", "</s>", "the", "cat", "sat", "on", "a", "mat", ".", "dog", "ran"]
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(path))
+  return len(words)
+
+
+def test_tokenize_writes_each_documents_ids_and_eos_and_pretrain_reads_its_sidecar(
+    tmp_path, monkeypatch, capsys):
+  """`python -m train.tokenize` on a .jsonl and a .txt writes, in chunks of 3 ids, the ids
+  `tokenizers` gives each document followed by `</s>`, as uint16, with a progress line
+  per document (1 byte each, not on a terminal) and a sidecar that `train.pretrain`
+  takes --data-dtype, --vocab-size and --tokenizer from; flags that contradict it fail
+  naming the flag."""
+  from tokenizers import Tokenizer
+  vocab = _word_tokenizer(tmp_path / "tok.json")
+  docs = ["the cat sat on a mat .", "a dog ran", "the zebra sat ."]
+  (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  (tmp_path / "d.txt").write_text("the dog sat on the cat .\n")
+  monkeypatch.setattr(tokenize, "CHUNK_TOKENS", 3)
+  out = str(tmp_path / "out" / "d.bin")
+  meta = tokenize.main([str(tmp_path / "d.jsonl"), str(tmp_path / "d.txt"), "--out", out,
+                        "--tokenizer", str(tmp_path / "tok.json"), "--progress-mb", "1e-6"])
+  reference = Tokenizer.from_file(str(tmp_path / "tok.json"))
+  want = [i for d in docs + ["the dog sat on the cat .\n"]
+          for i in reference.encode(d).ids + [1]]
+  assert 0 in want  # "zebra" is unknown
+  np.testing.assert_array_equal(np.fromfile(out, np.uint16), want)
+  assert meta == json.loads(open(out + ".json").read())
+  assert {k: meta[k] for k in ("dtype", "vocab_size", "max_id", "eos_id", "tokens",
+                               "documents", "tokenizer")} == {
+      "dtype": "uint16", "vocab_size": vocab, "max_id": max(want), "eos_id": 1,
+      "tokens": len(want), "documents": 4, "tokenizer": str(tmp_path / "tok.json")}
+  printed = capsys.readouterr().out.splitlines()
+  assert sum(line.startswith("tokenize: ") for line in printed) == 4
+  assert data.token_dtype(1 << 16) is np.uint16
+  assert data.token_dtype((1 << 16) + 1) is np.uint32
+  args = pretrain.parse_args(["--data", out], num_devices=8)
+  assert (args.data_dtype, args.vocab_size, args.tokenizer) == (
+      "uint16", vocab, str(tmp_path / "tok.json"))
+  wider = pretrain.parse_args(["--data", out, "--vocab-size", "64"], num_devices=8)
+  assert wider.vocab_size == 64
+  assert data.load_corpus(out, data_dtype="uint16", val_fraction=0.0).top == max(want)
+  for flag, value in (("--data-dtype", "uint32"), ("--vocab-size", str(vocab - 1))):
+    with pytest.raises(SystemExit):
+      pretrain.parse_args(["--data", out, flag, value], num_devices=8)
+    assert flag in capsys.readouterr().err.strip().splitlines()[-1]

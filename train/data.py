@@ -52,6 +52,7 @@ class BPETokenizer:
 
   def __init__(self, path: str):
     from tokenizers import Tokenizer  # optional: only needed with --tokenizer
+    self.path = str(paths.resolve(path))
     self._tok = Tokenizer.from_str(paths.resolve(path).read_text())
     self.vocab_size = self._tok.get_vocab_size()
     self.name = paths.resolve(path).name
@@ -118,37 +119,73 @@ class DataError(ValueError):
   """A data file that cannot be read as a corpus; the message names the file and line."""
 
 
-def _jsonl_documents(path: str) -> list[tuple[str, str]]:
-  docs = []
+def _text_lines(path: str) -> Iterator[str]:
+  """The lines of a UTF-8 text file (local or remote), read as they are needed."""
   with paths.resolve(path).open("rb") as raw:
-    for i, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", errors="replace")):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{i + 1}: invalid JSON ({e.msg}, column {e.colno})") from None
-      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise DataError(f"{path}:{i + 1}: expected a JSON object with a string field "
-                        "\"text\"")
-      docs.append((f"{i}", record["text"]))
-  return docs
+    yield from io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+
+
+def _jsonl_documents(path: str) -> Iterator[tuple[str, str]]:
+  for i, line in enumerate(_text_lines(path)):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{i + 1}: invalid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+      raise DataError(f"{path}:{i + 1}: expected a JSON object with a string field "
+                      "\"text\"")
+    yield f"{i}", record["text"]
+
+
+def _txt_documents(path: str) -> Iterator[tuple[str, str]]:
+  """Chunks of at least `TXT_CHUNK_BYTES` characters, each ending at the first newline
+  after that (the last one at the end of the file), named by where they start."""
+  start, lines, size = 0, [], 0
+  for line in _text_lines(path):
+    lines.append(line)
+    size += len(line)
+    if size > TXT_CHUNK_BYTES and line.endswith("\n"):
+      yield f"{start}", "".join(lines)
+      start, lines, size = start + size, [], 0
+  if lines:
+    yield f"{start}", "".join(lines)
+
+
+def iter_documents(path: str) -> Iterator[tuple[str, str]]:
+  """(name, text) documents of a .txt (8 KiB chunks cut at newlines) or .jsonl (`text`),
+  read as they are needed; a line of a .jsonl that is not a JSON object with a string
+  `text` raises `DataError` naming the file and the line."""
+  return _jsonl_documents(path) if path.endswith(".jsonl") else _txt_documents(path)
 
 
 def file_documents(path: str) -> list[tuple[str, str]]:
-  """(name, text) documents of a .txt (8 KiB chunks cut at newlines) or .jsonl (`text`);
-  a line of a .jsonl that is not a JSON object with a string `text` raises `DataError`
-  naming the file and the line."""
-  if path.endswith(".jsonl"):
-    return _jsonl_documents(path)
-  text = paths.resolve(path).read_bytes().decode("utf-8", errors="replace")
-  docs, start = [], 0
-  while start < len(text):
-    end = text.find("\n", start + TXT_CHUNK_BYTES)
-    end = len(text) if end < 0 else end + 1
-    docs.append((f"{start}", text[start:end]))
-    start = end
-  return docs
+  """The documents of `iter_documents(path)` in a list."""
+  return list(iter_documents(path))
+
+
+def token_dtype(vocab_size: int) -> type:
+  """The smallest unsigned dtype of token ids below `vocab_size`: uint16 or uint32."""
+  return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def read_sidecar(path: str) -> dict | None:
+  """What `train.tokenize` wrote beside the token file `path` (`<path>.json`: dtype,
+  vocab_size, max_id, tokenizer, eos_id, tokens, documents), or None if there is none."""
+  sidecar = paths.resolve(path + ".json")
+  if not sidecar.exists():
+    return None
+  try:
+    meta = json.loads(sidecar.read_text())
+  except json.JSONDecodeError as e:
+    raise DataError(f"{sidecar}:{e.lineno}: invalid JSON ({e.msg})") from None
+  if not isinstance(meta, dict):
+    raise DataError(f"{sidecar}: expected a JSON object")
+  missing = sorted({"dtype", "vocab_size", "max_id"} - set(meta))
+  if missing:
+    raise DataError(f"{sidecar}: no {', '.join(missing)} (not written by train.tokenize?)")
+  return meta
 
 
 class Blocks:
@@ -216,12 +253,14 @@ def load_corpus(data: str | None = None, *, tokenizer=None, data_dtype: str = "u
     count = -(-len(tokens) // BIN_BLOCK_TOKENS)
     train, val = ([int(name[5:]) for name, _ in part] for part in
                   split_documents([(f"block{i}", None) for i in range(count)], val_fraction))
-    top = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
+    meta = read_sidecar(data)  # written by train.tokenize: saves a pass over the file
+    top = meta["max_id"] if meta else max(
+        int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
     return Corpus(Blocks(tokens, train), Blocks(tokens, val), vocab_size or top + 1,
                   f"{data}: {len(tokens):,} tokens", top)
   tokenizer = tokenizer or ByteTokenizer()
   docs = file_documents(data) if data is not None else stdlib_documents(max_bytes)
-  dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+  dtype = token_dtype(tokenizer.vocab_size)
   train, val = ([tokenizer.encode(text) for _, text in part]
                 for part in split_documents(docs, val_fraction))
   what = data or f"Python {sysconfig.get_python_version()} stdlib + pydoc topics"

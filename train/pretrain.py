@@ -82,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("data")
   g.add_argument("--data", default=None, help=".txt, .jsonl (field text) or .bin tokens; "
                  "default: the Python standard library's sources + pydoc topics")
-  g.add_argument("--data-dtype", default="uint16", help="token dtype of .bin files")
-  g.add_argument("--vocab-size", type=int, default=None, help=".bin data: model vocab")
+  g.add_argument("--data-dtype", default=None,
+                 help="token dtype of .bin files: uint16, uint32 (default: the .bin's "
+                 "<data>.json from train.tokenize, else uint16)")
+  g.add_argument("--vocab-size", type=int, default=None,
+                 help=".bin data: model vocab (default: <data>.json's, else the largest "
+                 "id + 1; may exceed <data>.json's, not fall below it)")
   g.add_argument("--tokenizer", default=None, help="tokenizer.json (needs `tokenizers`)")
   g.add_argument("--corpus-bytes", type=int, default=None, help="cap of the default corpus")
   g.add_argument("--val-fraction", type=float, default=0.05)
@@ -248,6 +252,9 @@ def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None
   error = parser.error
   if args.model not in PRESETS:
     error(f"--model: unknown size {args.model!r}; choose from {', '.join(PRESETS)}")
+  if args.data is not None and args.data.endswith(".bin"):
+    _apply_sidecar(args, error)
+  args.data_dtype = args.data_dtype or "uint16"
   if args.data_dtype not in ("uint16", "uint32"):
     error(f"--data-dtype: choose from uint16, uint32, got {args.data_dtype!r}")
   check_common(args, error, num_devices)
@@ -256,6 +263,30 @@ def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None
   if not 0 < args.seq_len <= context:
     error(f"--seq-len: must be in [1, {context}] for --model {args.model}")
   return args
+
+
+def _apply_sidecar(args, error) -> None:
+  """--data-dtype, --vocab-size and --tokenizer from what `train.tokenize` wrote beside
+  the .bin (`<data>.json`) where the flags leave them unset; a flag that contradicts it
+  (another dtype, a smaller vocabulary) is an error naming the flag."""
+  from train import data
+  try:
+    meta = data.read_sidecar(args.data)
+  except data.DataError as e:
+    error(f"--data: {e}")
+  if meta is None:
+    return
+  where = f"{args.data}.json"
+  if args.data_dtype not in (None, meta["dtype"]):
+    error(f"--data-dtype: {args.data_dtype}, but {where} says the tokens are "
+          f"{meta['dtype']}")
+  if args.vocab_size is not None and args.vocab_size < meta["vocab_size"]:
+    error(f"--vocab-size: {args.vocab_size} is below the vocabulary of the tokenizer that "
+          f"wrote --data ({meta['vocab_size']}, per {where})")
+  args.data_dtype = meta["dtype"]
+  args.vocab_size = args.vocab_size or meta["vocab_size"]
+  if args.tokenizer is None and meta.get("tokenizer") not in (None, "bytes"):
+    args.tokenizer = meta["tokenizer"]  # so that fine-tuning from the run uses it too
 
 
 def maybe_initialize_distributed() -> None:
