@@ -9,8 +9,9 @@ The directory may be remote (`gs://bucket/run/ckpt`): every file operation here 
 through `etils.epath` (`train.paths`), as Orbax's own do. In a multi-process run every
 process makes a `Checkpointer` and calls `save`, `finish`, `restore` alike (Orbax
 coordinates them: each process writes its shards, the primary one the metadata and the
-commit); only the lead one (`lead=True`, process 0) writes `SHA256SUMS`, moves damaged
-steps and removes what a failed save left.
+commit; a delete waits for every process); only the lead one (`lead=True`, process 0)
+writes `SHA256SUMS`, moves damaged steps (the others wait for the move) and removes what
+a failed save left.
 
 A step is intact when Orbax recorded its commit and every file matches its checksum (a
 step without `SHA256SUMS`, from an older trainer or a save killed just before the sums were
@@ -92,6 +93,7 @@ class Checkpointer:
     self.keep, self.every, self.lead = keep, every, lead
     self._pending: int | None = None  # saved, not yet finished and checksummed
     self._finite: int | None = None  # newest step known to have run finite
+    self._moves = 0  # quarantines so far (names their barriers)
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
@@ -187,7 +189,9 @@ class Checkpointer:
     if self.lead:
       dest.parent.mkdir(parents=True, exist_ok=True)
       self.path(step).rename(dest)
-    self._manager.reload()
+    self._moves += 1  # every process waits for the move (a no-op in one process), so
+    ocp.multihost.sync_global_processes(f"Checkpointer:quarantine:{self._moves}")
+    self._manager.reload()  # that all see the same steps (Orbax's deletes sync on them)
     return dest
 
   def newest_intact(self, say=print, below: int | None = None) -> int | None:
