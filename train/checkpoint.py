@@ -93,7 +93,7 @@ class Checkpointer:
     self.keep, self.every, self.lead = keep, every, lead
     self._pending: int | None = None  # saved, not yet finished and checksummed
     self._finite: int | None = None  # newest step known to have run finite
-    self._moves = 0  # quarantines so far (names their barriers)
+    self._syncs = 0  # barriers so far (numbers their names)
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
@@ -181,6 +181,7 @@ class Checkpointer:
 
   def quarantine(self, step: int) -> epath.Path:
     """Moves damaged `step` to `damaged/` (beside earlier ones); returns where."""
+    self._sync("quarantine")  # every process picks the same name, before the move
     dest = self.directory / DAMAGED / str(step)
     n = 1
     while dest.exists():
@@ -189,10 +190,14 @@ class Checkpointer:
     if self.lead:
       dest.parent.mkdir(parents=True, exist_ok=True)
       self.path(step).rename(dest)
-    self._moves += 1  # every process waits for the move (a no-op in one process), so
-    ocp.multihost.sync_global_processes(f"Checkpointer:quarantine:{self._moves}")
-    self._manager.reload()  # that all see the same steps (Orbax's deletes sync on them)
+    self._sync("quarantined")  # then all list the same steps (an Orbax delete waits
+    self._manager.reload()  # for every process to delete the same step)
     return dest
+
+  def _sync(self, name: str) -> None:
+    """Waits until every process gets here (returns at once in a single process)."""
+    self._syncs += 1
+    ocp.multihost.sync_global_processes(f"Checkpointer:{name}:{self._syncs}")
 
   def newest_intact(self, say=print, below: int | None = None) -> int | None:
     """The newest intact step (below `below`, if given); each newer damaged one is moved
