@@ -110,9 +110,9 @@ def test_tokenize_writes_each_documents_ids_and_eos_and_pretrain_reads_its_sidec
     tmp_path, monkeypatch, capsys):
   """`python -m train.tokenize` on a .jsonl and a .txt writes, in chunks of 3 ids, the ids
   `tokenizers` gives each document followed by `</s>`, as uint16, with a progress line
-  per document (1 byte each, not on a terminal) and a sidecar that `train.pretrain`
-  takes --data-dtype, --vocab-size and --tokenizer from; flags that contradict it fail
-  naming the flag."""
+  per document (one per byte asked; not on a terminal) and a sidecar that
+  `train.pretrain` takes --data-dtype, --vocab-size and --tokenizer from; flags that
+  contradict it, or a tokenizer it names that is gone, fail naming the flag."""
   from tokenizers import Tokenizer
   vocab = _word_tokenizer(tmp_path / "tok.json")
   docs = ["the cat sat on a mat .", "a dog ran", "the zebra sat ."]
@@ -146,3 +146,7 @@ def test_tokenize_writes_each_documents_ids_and_eos_and_pretrain_reads_its_sidec
     with pytest.raises(SystemExit):
       pretrain.parse_args(["--data", out, flag, value], num_devices=8)
     assert flag in capsys.readouterr().err.strip().splitlines()[-1]
+  (tmp_path / "tok.json").rename(tmp_path / "moved.json")  # the sidecar's tokenizer is gone
+  with pytest.raises(SystemExit):
+    pretrain.parse_args(["--data", out], num_devices=8)
+  assert "--tokenizer" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -269,7 +269,7 @@ def _apply_sidecar(args, error) -> None:
   """--data-dtype, --vocab-size and --tokenizer from what `train.tokenize` wrote beside
   the .bin (`<data>.json`) where the flags leave them unset; a flag that contradicts it
   (another dtype, a smaller vocabulary) is an error naming the flag."""
-  from train import data
+  from train import data, paths
   try:
     meta = data.read_sidecar(args.data)
   except data.DataError as e:
@@ -286,6 +286,9 @@ def _apply_sidecar(args, error) -> None:
   args.data_dtype = meta["dtype"]
   args.vocab_size = args.vocab_size or meta["vocab_size"]
   if args.tokenizer is None and meta.get("tokenizer") not in (None, "bytes"):
+    if not paths.resolve(meta["tokenizer"]).is_file():
+      error(f"--tokenizer: {where} names {meta['tokenizer']}, which is not found; pass "
+            "--tokenizer with its tokenizer.json")
     args.tokenizer = meta["tokenizer"]  # so that fine-tuning from the run uses it too
 
 
