@@ -215,11 +215,14 @@ def _sigterm_after(metrics, lines):
   threading.Thread(target=wait_and_kill, daemon=True).start()
 
 
-def test_checkpoint_resume_is_bit_exact(tmp_path, compilation_cache):
+def test_checkpoint_resume_is_bit_exact(tmp_path, compilation_cache, monkeypatch):
   """GaLore's train state (SVD bases, the moments of projected and of plain-Adam leaves,
   step) round-trips through the trainer's checkpoints: interrupted by SIGTERM, stopped
   by --stop-at, resumed twice, it logs exactly the uninterrupted run's losses, with an
-  SVD refresh after each resume (at step 20, then 30; every 10 steps)."""
+  SVD refresh after each resume (at step 20, then 30; every 10 steps). The two resumed
+  runs have --out and --ckpt-dir on gs:// (a fake one, tests/fake_gcs.py, to which the
+  first run's directories are moved), and write nothing under the working directory."""
+  from tests.fake_gcs import fake_gcs
   from train.checkpoint import Checkpointer
   run = ("--optimizer", "galore", "--rank", "0.25", "--update-proj-gap", "10",
          "--steps", "40", "--eval-every", "10")
@@ -227,13 +230,24 @@ def test_checkpoint_resume_is_bit_exact(tmp_path, compilation_cache):
   ckpt = str(tmp_path / "ckpt")
   # 1) SIGTERM mid-run: a checkpoint at the step where it stopped
   _sigterm_after(tmp_path / "resumed" / "metrics.jsonl", 2)
-  first, out_b = _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt)
+  first, _ = _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt)
   assert first["interrupted"] and 2 <= first["step"] <= 20, first
   assert Checkpointer(ckpt).latest_step() == first["step"]
-  # 2) resume, stop again at a fixed step; 3) resume to the end
-  second, _ = _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt, "--stop-at", "25")
-  assert second["interrupted"] and second["step"] == 25
-  third, _ = _train(tmp_path, "resumed", *run, "--ckpt-dir", ckpt)
+  # 2) resume from gs://, stop again at a fixed step; 3) resume to the end
+  bucket = tmp_path / "gcs" / "bucket"
+  bucket.mkdir(parents=True)
+  for name in ("resumed", "ckpt"):
+    os.rename(tmp_path / name, bucket / name)
+  (tmp_path / "cwd").mkdir()
+  monkeypatch.chdir(tmp_path / "cwd")
+  remote = ("--out", "gs://bucket/resumed", "--ckpt-dir", "gs://bucket/ckpt")
+  with fake_gcs(tmp_path / "gcs", monkeypatch):
+    second, _ = _train(tmp_path, "resumed", *run, *remote, "--stop-at", "25")
+    assert second["interrupted"] and second["step"] == 25
+    third, _ = _train(tmp_path, "resumed", *run, *remote)
+    assert Checkpointer("gs://bucket/ckpt").steps() == [first["step"], 25, 40]
+  assert os.listdir(tmp_path / "cwd") == []
+  out_b = bucket / "resumed"
   train_a, val_a = _losses(out_a)
   train_b, val_b = _losses(out_b)
   assert [s for s, _ in train_a] == list(range(1, 41))

@@ -5,6 +5,14 @@ custom metadata, `_CHECKPOINT_METADATA`) and, once the save has finished, `SHA25
 sha256 of every other file in it, in `sha256sum`'s format (`cd ckpt/300 && sha256sum -c
 SHA256SUMS` checks it by hand), because Orbax keeps no checksum of its data files.
 
+The directory may be remote (`gs://bucket/run/ckpt`): every file operation here goes
+through `etils.epath` (`train.paths`), as Orbax's own do. In a multi-process run every
+process makes a `Checkpointer` and calls `save`, `finish`, `restore` alike (Orbax
+coordinates them: each process writes its shards, the primary one the metadata and the
+commit; a delete waits for every process); only the lead one (`lead=True`, process 0)
+writes `SHA256SUMS`, moves damaged steps (the others wait for the move) and removes what
+a failed save left.
+
 A step is intact when Orbax recorded its commit and every file matches its checksum (a
 step without `SHA256SUMS`, from an older trainer or a save killed just before the sums were
 written, counts as intact unverified). Damaged steps are moved to `damaged/` (never
@@ -16,16 +24,16 @@ confirmed one (a finite train step has run from its state).
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from train import validate
+from etils import epath
+
+from train import paths, validate
 
 MANIFEST = "SHA256SUMS"
 DAMAGED = "damaged"
@@ -43,20 +51,25 @@ class SaveError(Exception):
     self.step = step
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: epath.Path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
 
 
-def _files(root: str) -> list[str]:
+def _files(root: epath.Path) -> list[str]:
   """Files under `root`, relative to it, sorted (the manifest itself excluded)."""
-  out = []
-  for dirpath, _, names in os.walk(root):
-    out.extend(os.path.relpath(os.path.join(dirpath, n), root) for n in names)
-  return sorted(p for p in out if p != MANIFEST)
+  return [name for name in paths.files(root) if name != MANIFEST]
+
+
+def _remove(path: epath.Path) -> None:
+  """Deletes directory `path` if it is there, as far as it can (errors are ignored)."""
+  try:
+    path.rmtree()
+  except OSError:
+    pass
 
 
 def _first_line(error: BaseException, limit: int = 160) -> str:
@@ -69,17 +82,18 @@ class Checkpointer:
   to intact steps and rotation that never loses the newest healthy step.
 
   Args:
-    directory: The checkpoint directory (created if missing).
+    directory: The checkpoint directory (created if missing); local or remote.
     keep: Newest steps kept (plus the newest confirmed one, see `confirm`).
     every: `due(step)` every this many steps (0: never).
     lead: Whether this process writes the checksums and moves damaged steps (one per job).
   """
 
   def __init__(self, directory: str, *, keep: int = 3, every: int = 0, lead: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     self.keep, self.every, self.lead = keep, every, lead
     self._pending: int | None = None  # saved, not yet finished and checksummed
     self._finite: int | None = None  # newest step known to have run finite
+    self._syncs = 0  # barriers so far (numbers their names)
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
@@ -93,8 +107,8 @@ class Checkpointer:
   def due(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
 
-  def path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def path(self, step: int) -> epath.Path:
+    return self.directory / str(step)
 
   # reading
 
@@ -102,9 +116,9 @@ class Checkpointer:
     """Why `step` is damaged, or None if it is intact (Orbax's commit record, then every
     file against `SHA256SUMS` where there is one)."""
     root = self.path(step)
-    if not os.path.isdir(root):
+    if not root.is_dir():
       return "its directory is missing"
-    if not os.listdir(root):
+    if next(root.iterdir(), None) is None:
       return "its directory is empty"
     if not ocp.path.step.is_checkpoint_finalized(root):
       return "an unfinished save"
@@ -114,21 +128,21 @@ class Checkpointer:
       return f"unreadable _CHECKPOINT_METADATA: {_first_line(e)}"
     if committed is None:
       return "Orbax recorded no commit (empty, or _CHECKPOINT_METADATA missing)"
-    manifest = os.path.join(root, MANIFEST)
-    if not os.path.exists(manifest):
+    manifest = root / MANIFEST
+    if not manifest.exists():
       return None
-    with open(manifest) as f:
+    with manifest.open() as f:
       for line in filter(str.strip, f):
         digest, _, name = line.rstrip("\n").partition("  ")
-        path = os.path.join(root, name)
-        if not os.path.isfile(path):
+        path = root / name
+        if not path.is_file():
           return f"{name} is missing"
         if _sha256(path) != digest:
           return f"{name} does not match its sha256 in {MANIFEST}"
     return None
 
   def checksummed(self, step: int) -> bool:
-    return os.path.exists(os.path.join(self.path(step), MANIFEST))
+    return (self.path(step) / MANIFEST).exists()
 
   def flags(self, step: int) -> dict | None:
     """The flags the run that saved `step` was started with (None if not stored)."""
@@ -165,18 +179,25 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
-  def quarantine(self, step: int) -> str:
+  def quarantine(self, step: int) -> epath.Path:
     """Moves damaged `step` to `damaged/` (beside earlier ones); returns where."""
-    dest = os.path.join(self.directory, DAMAGED, str(step))
+    self._sync("quarantine")  # every process picks the same name, before the move
+    dest = self.directory / DAMAGED / str(step)
     n = 1
-    while os.path.exists(dest):
+    while dest.exists():
       n += 1
-      dest = os.path.join(self.directory, DAMAGED, f"{step}.{n}")
+      dest = self.directory / DAMAGED / f"{step}.{n}"
     if self.lead:
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      os.replace(self.path(step), dest)
-    self._manager.reload()
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      self.path(step).rename(dest)
+    self._sync("quarantined")  # then all list the same steps (an Orbax delete waits
+    self._manager.reload()  # for every process to delete the same step)
     return dest
+
+  def _sync(self, name: str) -> None:
+    """Waits until every process gets here (returns at once in a single process)."""
+    self._syncs += 1
+    ocp.multihost.sync_global_processes(f"Checkpointer:{name}:{self._syncs}")
 
   def newest_intact(self, say=print, below: int | None = None) -> int | None:
     """The newest intact step (below `below`, if given); each newer damaged one is moved
@@ -205,7 +226,7 @@ class Checkpointer:
       if had:
         raise ResumeError(
             f"--ckpt-dir: no intact checkpoint left in {self.directory} (damaged ones were "
-            f"moved to {os.path.join(self.directory, DAMAGED)}); use another --ckpt-dir to "
+            f"moved to {self.directory / DAMAGED}); use another --ckpt-dir to "
             "start afresh")
       return None
     saved = self.flags(step)
@@ -304,18 +325,23 @@ class Checkpointer:
     self._rotate()
 
   def _write_manifest(self, step: int) -> None:
+    """Writes `SHA256SUMS`: locally to a synced temporary file renamed into place; to an
+    object store directly (an object appears whole or not at all)."""
     root = self.path(step)
-    lines = [f"{_sha256(os.path.join(root, name))}  {name}\n" for name in _files(root)]
-    tmp = os.path.join(root, MANIFEST + ".tmp")
+    text = "".join(f"{_sha256(root / name)}  {name}\n" for name in _files(root))
+    if paths.is_remote(root):
+      (root / MANIFEST).write_text(text)
+      return
+    tmp = root / (MANIFEST + ".tmp")
     try:
       with open(tmp, "w") as f:
-        f.writelines(lines)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-      os.replace(tmp, os.path.join(root, MANIFEST))
+      os.replace(tmp, root / MANIFEST)
     finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+      if tmp.exists():
+        tmp.unlink()
 
   def _rotate(self) -> None:
     steps = self.steps()
@@ -328,10 +354,10 @@ class Checkpointer:
     """Removes what a failed save of `step` left (Orbax's temporary directories)."""
     self._manager.reload()
     if self.lead:
-      for path in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-        shutil.rmtree(path, ignore_errors=True)
+      for path in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        _remove(path)
       if step not in self._manager.all_steps() or not self.checksummed(step):
-        shutil.rmtree(self.path(step), ignore_errors=True)
+        _remove(self.path(step))
     self._manager.reload()
 
   def _failed(self, step: int, error: BaseException) -> str:

@@ -20,7 +20,7 @@ import json
 import os
 from typing import Sequence
 
-from train import pretrain
+from train import paths, pretrain
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +62,11 @@ def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None
   parser = build_parser()
   args = pretrain.parse_with_config(parser, argv)
   error = parser.error
-  if not os.path.isdir(args.init_from):
+  if not paths.resolve(args.init_from).is_dir():
     error(f"--init-from: not a directory: {args.init_from}")
+  if paths.is_remote(args.init_from) and _hf_dir(args.init_from):
+    error(f"--init-from: a Hugging Face directory must be local (copy it from "
+          f"{args.init_from}); our run and checkpoint directories may be remote")
   for name in ("data", "eval_data", "eval_mc", "eval_gen"):
     path = getattr(args, name)
     if path is not None and not os.path.isfile(path):
@@ -80,12 +83,11 @@ def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None
 
 def _hf_dir(path: str) -> bool:
   """A Hugging Face model directory: a config.json that is not our run's."""
-  config = os.path.join(path, "config.json")
-  if not os.path.isfile(config):
+  config = paths.resolve(path) / "config.json"
+  if not config.is_file():
     return False
   try:
-    with open(config) as f:
-      value = json.load(f)
+    value = json.loads(config.read_text())
   except (OSError, json.JSONDecodeError):
     return True
   return not (isinstance(value, dict) and "args" in value and "model" in value)
@@ -116,10 +118,9 @@ class Source:
       self.cfg = cfg
       self._params = lambda: _pure(nnx.state(self.hf_model, nnx.Param))
       return
-    run_config = os.path.join(path, "config.json")
-    if os.path.isfile(run_config):  # our run directory: its checkpoints
-      with open(run_config) as f:
-        ckpt_dir = json.load(f)["args"].get("ckpt_dir")
+    run_config = paths.resolve(path) / "config.json"
+    if run_config.is_file():  # our run directory: its checkpoints
+      ckpt_dir = json.loads(run_config.read_text())["args"].get("ckpt_dir")
       if not ckpt_dir:
         raise RunError(f"--init-from: the run {path} kept no checkpoints (it ran without "
                        "--ckpt-dir); pass a run that did, or its --ckpt-dir")
@@ -159,7 +160,7 @@ class Source:
       params = self._params()
       return jax.device_put(params, setup.shardings["params"])
     want = {"params": setup.abstract_state["params"]}  # Orbax casts to their dtypes
-    item = os.path.join(self._ckpt.path(self._step), "default")
+    item = self._ckpt.path(self._step) / "default"
     with ocp.PyTreeCheckpointer() as reader:
       restored = reader.restore(item, args=ocp.args.PyTreeRestore(
           want, restore_args=ocp.checkpoint_utils.construct_restore_args(want),
@@ -229,7 +230,7 @@ def run(args) -> dict:
   say(f"model: {setup.describe()}; mesh {dict(args.mesh_shape)} ({args.shard_mode}) on "
       f"{jax.device_count()} {jax.devices()[0].platform} devices")
   setup.check_disk(ckpt)
-  os.makedirs(args.out, exist_ok=True)
+  paths.resolve(args.out).mkdir(parents=True, exist_ok=True)
   batch_sharding = steps.batch_sharding(mesh)
   eval_sharding = steps.batch_sharding(mesh, micro_batched=False)
   micro = args.batch_size // args.micro_batches
@@ -340,11 +341,10 @@ def _describe(result: dict | None) -> str:
 def _logged(path: str, step: int) -> dict | None:
   """The evaluation record of `step` in a metrics.jsonl (None if absent)."""
   try:
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if record.get("step") == step and "loss" not in record:
-          return {k: v for k, v in record.items() if k != "step"}
+    for line in paths.resolve(path).read_text().splitlines():
+      record = json.loads(line)
+      if record.get("step") == step and "loss" not in record:
+        return {k: v for k, v in record.items() if k != "step"}
   except (OSError, json.JSONDecodeError):
     pass
   return None

@@ -18,10 +18,11 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from models import sharding as shd
-from train import faults, optimizers, steps, telemetry, weight_quant
+from train import faults, optimizers, paths, steps, telemetry, weight_quant
 
 
 class RunError(Exception):
@@ -36,15 +37,22 @@ class MetricsLog:
   """metrics.jsonl in the run dir; a resumed run first drops records past its step, and
   unreadable lines (a write torn by a kill or a full disk), saying so. The kept lines are
   rewritten to a temporary file that then replaces the log. Only the lead process writes
-  (`enabled`); a failed write ends the run with one line naming the file."""
+  (`enabled`); a failed write ends the run with one line naming the file.
+
+  A remote log (`gs://...`; object stores cannot append) is held in memory and rewritten
+  whole at most every `flush_seconds` and on `close`: a run killed without warning loses
+  the records of its last `flush_seconds` (the log of a resumed run drops records past its
+  checkpoint anyway)."""
 
   def __init__(self, path: str, resume_step: int | None, enabled: bool = True,
-               say=print):
-    self.path = path if enabled else os.devnull
+               say=print, flush_seconds: float = 30.0):
+    self.path, self.enabled = paths.resolve(path), enabled
+    self._remote, self._flush_seconds = paths.is_remote(path), flush_seconds
     kept, torn = [], []
-    if resume_step is not None and enabled and os.path.exists(path):
-      with open(path, errors="replace") as f:
-        for number, line in enumerate(f, 1):
+    try:
+      if resume_step is not None and enabled and self.path.exists():
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(keepends=True), 1):
           if not line.strip():
             continue
           try:
@@ -55,36 +63,50 @@ class MetricsLog:
             continue
           if step <= resume_step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    if torn:
-      say(f"{path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn))}"
-          "; a torn write?)")
-    try:
-      if enabled:
-        with open(path + ".tmp", "w") as f:
-          f.writelines(kept)
-        os.replace(path + ".tmp", path)
-      self._file = open(self.path, "a")
+      if torn:
+        say(f"{path}: dropped {len(torn)} unreadable line(s) (line "
+            f"{', '.join(map(str, torn))}; a torn write?)")
+      self._lines, self._flushed = kept, time.monotonic()
+      if enabled and self._remote:
+        self.path.write_text("".join(kept))
+      elif enabled:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
+      self._file = open(self.path if enabled and not self._remote else os.devnull, "a")
     except OSError as e:
       raise RunError(f"--out: cannot write {e.filename or path}: {e.strerror or e}") from None
 
   def write(self, record: dict) -> None:
+    line = json.dumps(record) + "\n"
     try:
-      self._file.write(json.dumps(record) + "\n")
-      self._file.flush()
+      if not self._remote:
+        self._file.write(line)
+        self._file.flush()
+      elif self.enabled:
+        self._lines.append(line)
+        if time.monotonic() - self._flushed >= self._flush_seconds:
+          self._flush()
     except OSError as e:
       raise RunError(f"--out: cannot write {self.path}: {e.strerror or e}") from None
+
+  def _flush(self) -> None:
+    self.path.write_text("".join(self._lines))
+    self._flushed = time.monotonic()
 
   def close(self) -> None:
     try:
       self._file.close()
+      if self._remote and self.enabled:
+        self._flush()
     except OSError as e:
       raise RunError(f"--out: cannot write {self.path}: {e.strerror or e}") from None
 
 
 def write_json(path: str, value) -> None:
+  """Writes `value` as indented JSON to `path` (local or remote)."""
   try:
-    with open(path, "w") as f:
-      json.dump(value, f, indent=2, default=str)
+    paths.resolve(path).write_text(json.dumps(value, indent=2, default=str))
   except OSError as e:
     raise RunError(f"--out: cannot write {path}: {e.strerror or e}") from None
 
@@ -169,7 +191,9 @@ class Setup:
             f"context={cfg.max_seq_len}")
 
   def check_disk(self, ckpt) -> None:
-    if ckpt is None:
+    """Fails if `ckpt`'s local disk cannot hold one checkpoint of this run (a remote
+    directory is not checked: an object store reports no free space)."""
+    if ckpt is None or paths.is_remote(ckpt.directory):
       return
     need = weight_quant.nbytes(self.abstract_state)
     free = shutil.disk_usage(ckpt.directory).free
@@ -223,6 +247,25 @@ def put(batch, sharding):
   """A host array (or a dict of them) as a global array laid out by `sharding`."""
   return jax.tree.map(
       lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), batch)
+
+
+def local_rows(shape: tuple[int, ...], index_map) -> np.ndarray:
+  """The rows (flat indices over all axes but the last) of a batch of `shape` that the
+  device slices of `index_map` (`sharding.addressable_devices_indices_map(shape)`)
+  hold, sorted: this process's share of the batch."""
+  grid = np.arange(math.prod(shape[:-1])).reshape(shape[:-1])
+  return np.unique(np.concatenate([grid[idx[:-1]].ravel() for idx in index_map.values()]))
+
+
+def put_rows(rows_of: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...], sharding):
+  """A global token batch of `shape` laid out by `sharding`, of which this process
+  materialises only its own rows: `rows_of(rows)` gives those rows (flat indices over
+  all axes but the last) as an array of shape (len(rows), shape[-1])."""
+  grid = np.arange(math.prod(shape[:-1])).reshape(shape[:-1])
+  rows = local_rows(shape, sharding.addressable_devices_indices_map(shape))
+  local = rows_of(rows)
+  return jax.make_array_from_callback(
+      shape, sharding, lambda idx: local[np.searchsorted(rows, grid[idx[:-1]])][..., idx[-1]])
 
 
 def train(args, state, compiled, batch_at: Callable[[int], Any],

@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 from typing import Sequence
+
+from train import paths
 
 METRICS = "metrics.jsonl"
 
@@ -16,11 +19,11 @@ METRICS = "metrics.jsonl"
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
   """(train records, eval records) from a run directory's metrics.jsonl (unreadable
   lines, e.g. one torn by a kill, are skipped)."""
-  path = os.path.join(run_dir, METRICS)
-  if not os.path.exists(path):
+  path = paths.resolve(run_dir) / METRICS
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found (is {run_dir!r} a run directory?)")
   train, evals = [], []
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       try:
         record = json.loads(line)
@@ -42,12 +45,12 @@ def _smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
 
 def plot_runs(run_dirs: Sequence[str], out: str, labels: Sequence[str] | None = None,
               baseline: float | None = None) -> str:
-  """Writes the PNG `out` and returns its path."""
+  """Writes the PNG `out` (local or remote) and returns its path."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  labels = list(labels) if labels else [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+  labels = list(labels) if labels else [paths.resolve(d).name for d in run_dirs]
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
   for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
     color = f"C{i}"
@@ -67,9 +70,12 @@ def plot_runs(run_dirs: Sequence[str], out: str, labels: Sequence[str] | None = 
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out)
+  png = io.BytesIO()  # matplotlib writes local files only: the bytes go through epath
+  fig.savefig(png, format="png")
   plt.close(fig)
+  target = paths.resolve(out)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(png.getvalue())
   return out
 
 
@@ -84,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   if labels and len(labels) != len(args.runs):
     parser.error(f"--labels: got {len(labels)} labels for {len(args.runs)} runs")
   for run in args.runs:
-    if not os.path.exists(os.path.join(run, METRICS)):
+    if not (paths.resolve(run) / METRICS).exists():
       parser.error(f"runs: {os.path.join(run, METRICS)} not found")
   print(plot_runs(args.runs, args.out, labels, baseline=_shared_baseline(args.runs)))
 
@@ -94,8 +100,8 @@ def _shared_baseline(run_dirs: Sequence[str]) -> float | None:
   values = set()
   for run in run_dirs:
     try:
-      with open(os.path.join(run, "config.json")) as f:
-        values.add(json.load(f).get("unigram_baseline"))
+      config = json.loads((paths.resolve(run) / "config.json").read_text())
+      values.add(config.get("unigram_baseline"))
     except (OSError, ValueError):
       return None
   return values.pop() if len(values) == 1 and None not in values else None

@@ -82,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("data")
   g.add_argument("--data", default=None, help=".txt, .jsonl (field text) or .bin tokens; "
                  "default: the Python standard library's sources + pydoc topics")
-  g.add_argument("--data-dtype", default="uint16", help="token dtype of .bin files")
-  g.add_argument("--vocab-size", type=int, default=None, help=".bin data: model vocab")
+  g.add_argument("--data-dtype", default=None,
+                 help="token dtype of .bin files: uint16, uint32 (default: the .bin's "
+                 "<data>.json from train.tokenize, else uint16)")
+  g.add_argument("--vocab-size", type=int, default=None,
+                 help=".bin data: model vocab (default: <data>.json's, else the largest "
+                 "id + 1; may exceed <data>.json's, not fall below it)")
   g.add_argument("--tokenizer", default=None, help="tokenizer.json (needs `tokenizers`)")
   g.add_argument("--corpus-bytes", type=int, default=None, help="cap of the default corpus")
   g.add_argument("--val-fraction", type=float, default=0.05)
@@ -190,11 +194,12 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
   wins); a bad config file is one line naming it (argparse exits with 2)."""
   pre, _ = parser.parse_known_args(argv)
   if pre.config:
-    if not os.path.isfile(pre.config):
+    from train import paths
+    config = paths.resolve(pre.config)
+    if not config.is_file():
       parser.error(f"--config: file not found: {pre.config}")
     try:
-      with open(pre.config) as f:
-        values = json.load(f)
+      values = json.loads(config.read_text())
     except json.JSONDecodeError as e:
       parser.error(f"--config: {pre.config}:{e.lineno}: invalid JSON ({e.msg}, column "
                    f"{e.colno})")
@@ -274,6 +279,9 @@ def parse_args(argv: Sequence[str] | None = None, num_devices: int | None = None
   error = parser.error
   if args.model not in PRESETS:
     error(f"--model: unknown size {args.model!r}; choose from {', '.join(PRESETS)}")
+  if args.data is not None and args.data.endswith(".bin"):
+    _apply_sidecar(args, error)
+  args.data_dtype = args.data_dtype or "uint16"
   if args.data_dtype not in ("uint16", "uint32"):
     error(f"--data-dtype: choose from uint16, uint32, got {args.data_dtype!r}")
   check_common(args, error, num_devices)
@@ -308,6 +316,33 @@ def distributed_arguments(env) -> dict | None:
       or len(tpu_workers.split(",")) > 1):
     return {}
   return None
+
+
+def _apply_sidecar(args, error) -> None:
+  """--data-dtype, --vocab-size and --tokenizer from what `train.tokenize` wrote beside
+  the .bin (`<data>.json`) where the flags leave them unset; a flag that contradicts it
+  (another dtype, a smaller vocabulary) is an error naming the flag."""
+  from train import data, paths
+  try:
+    meta = data.read_sidecar(args.data)
+  except data.DataError as e:
+    error(f"--data: {e}")
+  if meta is None:
+    return
+  where = f"{args.data}.json"
+  if args.data_dtype not in (None, meta["dtype"]):
+    error(f"--data-dtype: {args.data_dtype}, but {where} says the tokens are "
+          f"{meta['dtype']}")
+  if args.vocab_size is not None and args.vocab_size < meta["vocab_size"]:
+    error(f"--vocab-size: {args.vocab_size} is below the vocabulary of the tokenizer that "
+          f"wrote --data ({meta['vocab_size']}, per {where})")
+  args.data_dtype = meta["dtype"]
+  args.vocab_size = args.vocab_size or meta["vocab_size"]
+  if args.tokenizer is None and meta.get("tokenizer") not in (None, "bytes"):
+    if not paths.resolve(meta["tokenizer"]).is_file():
+      error(f"--tokenizer: {where} names {meta['tokenizer']}, which is not found; pass "
+            "--tokenizer with its tokenizer.json")
+    args.tokenizer = meta["tokenizer"]  # so that fine-tuning from the run uses it too
 
 
 def maybe_initialize_distributed() -> None:
@@ -379,7 +414,7 @@ def run(args) -> dict:
   import jax
   import numpy as np
   from models import sharding as shd
-  from train import data, loop, optimizers, steps, telemetry, validate
+  from train import data, loop, optimizers, paths, steps, telemetry, validate
   from train.plot import plot_runs
 
   refused = optimizers.refused_flags(args.optimizer, args)
@@ -405,10 +440,10 @@ def run(args) -> dict:
         f"--val-fraction {args.val_fraction}: the validation split has {len(corpus.val)} "
         f"tokens, too few for --seq-len {args.seq_len} (raise --val-fraction, or give "
         "more --data)")
-  top = int(max(corpus.train.max(), corpus.val.max()))
-  if top >= corpus.vocab_size:
-    raise loop.RunError(f"--vocab-size: the data has token id {top}, so the vocabulary "
-                        f"needs at least {top + 1} entries (got {corpus.vocab_size})")
+  if corpus.top >= corpus.vocab_size:
+    raise loop.RunError(f"--vocab-size: the data has token id {corpus.top}, so the "
+                        f"vocabulary needs at least {corpus.top + 1} entries (got "
+                        f"{corpus.vocab_size})")
   cfg = model_config(args, vocab_size=corpus.vocab_size, max_seq_len=args.seq_len)
   baseline = data.unigram_entropy(corpus.val, corpus.vocab_size)
   say(f"data: {corpus.description}; train {len(corpus.train):,} / validation "
@@ -423,7 +458,7 @@ def run(args) -> dict:
       f"({args.shard_mode}) on {jax.device_count()} {jax.devices()[0].platform} devices")
   setup.check_disk(ckpt)
 
-  os.makedirs(args.out, exist_ok=True)
+  paths.resolve(args.out).mkdir(parents=True, exist_ok=True)
   batch_sharding = steps.batch_sharding(mesh)
   eval_sharding = steps.batch_sharding(mesh, micro_batched=False)
 
@@ -443,19 +478,22 @@ def run(args) -> dict:
     compiled = setup.compile_step(abstract_batch, batch_sharding, say)
     eval_step = setup.jit_eval(steps.make_eval_step(setup.eval_graphdef), eval_sharding)
 
+    eval_shape = (args.eval_batch_size, args.seq_len + 1)
+
     def evaluate(params) -> dict:
       total = count = 0.0
       for j in range(args.eval_batches):
-        tokens = data.eval_batch(corpus.val, j, args.eval_batch_size, args.seq_len)
-        s, n = eval_step(params, loop.put(tokens, eval_sharding))
+        tokens = loop.put_rows(lambda rows: data.eval_batch(
+            corpus.val, j, args.eval_batch_size, args.seq_len, rows), eval_shape, eval_sharding)
+        s, n = eval_step(params, tokens)
         total, count = total + float(s), count + float(n)
       loss = total / count
       return {"val_loss": loss, "val_ppl": data.perplexity(loss)}
 
-    def batch_at(step: int):
-      batch = data.sample_batch(corpus.train, args.seed, step, args.batch_size,
-                                args.seq_len).reshape(batch_shape)
-      return loop.put(batch, batch_sharding)
+    def batch_at(step: int):  # each process reads only its rows of the global batch
+      return loop.put_rows(lambda rows: data.sample_batch(
+          corpus.train, args.seed, step, args.batch_size, args.seq_len, rows),
+                           batch_shape, batch_sharding)
 
     state, step, evaluation, stop = loop.train(
         args, state, compiled, batch_at, evaluate, ckpt=ckpt, flags=flags, log=log,

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
+from train import paths
+
 # Flags that decide the train state's arrays: a resumed run must keep them.
 SHAPE_FLAGS = ("model", "optimizer", "rank", "proj_type", "opt_args", "scan_layers",
                "param_dtype", "weight_quant", "spike_window", "tokenizer", "vocab_size",
@@ -81,27 +83,30 @@ def check(args, error: Callable[[str], None]) -> None:
 
 def _check_files(args, error) -> None:
   if args.data is not None:
-    path = args.data
-    if not os.path.exists(path):
+    path, file = args.data, paths.resolve(args.data)
+    if not file.exists():
       error(f"--data: file not found: {path}")
-    if not os.path.isfile(path):
+    if not file.is_file():
       error(f"--data: {path} is not a file")
     if not path.endswith((".txt", ".jsonl", ".bin")):
       error(f"--data: expected a .txt, .jsonl or .bin file, got {path}")
-    size = os.path.getsize(path)
+    size = file.stat().length
     if size == 0:
       error(f"--data: {path} is empty")
     itemsize = {"uint16": 2, "uint32": 4}.get(args.data_dtype)
     if path.endswith(".bin") and itemsize and size % itemsize:
       error(f"--data: {path} has {size} bytes, not a whole number of {args.data_dtype} "
             "tokens (see --data-dtype)")
-  if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
+  if args.tokenizer is not None and not paths.resolve(args.tokenizer).is_file():
     error(f"--tokenizer: file not found: {args.tokenizer}")
 
 
 def unwritable(path: str) -> str | None:
   """Why directory `path` cannot be created and written to, or None if it can (tested by
-  creating a temporary file in it or in its nearest existing ancestor)."""
+  creating a temporary file in it or in its nearest existing ancestor). A remote `path`
+  (`gs://...`) is not tested: the first write there reports what is wrong."""
+  if paths.is_remote(path):
+    return None
   probe = os.path.abspath(path)
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)
