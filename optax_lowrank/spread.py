@@ -99,8 +99,9 @@ def map_matrices(fn: Callable[[jax.Array], Any], x: jax.Array, *,
       device does.
 
   Returns:
-    ``fn``'s outputs with ``x``'s batch axes in front; under an explicit mesh
-    they are sharded along the split batch axis and replicated elsewhere.
+    ``fn``'s outputs with ``x``'s batch axes in front, sharded along them as
+    ``x`` was (the results gathered back from the devices that computed
+    them) and replicated along their own axes.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -118,13 +119,15 @@ def map_matrices(fn: Callable[[jax.Array], Any], x: jax.Array, *,
     return _on_owner(fn, x, owner, mesh)
   axis, names = spread_axes(batch, dict(mesh.shape))
   if axis is None:  # every device factorizes every matrix
-    return _one_at_a_time(fn, jax.sharding.reshard(x, P()))
-  entries = [None] * x.ndim
-  entries[axis] = names if len(names) > 1 else names[0]
-  x = jax.sharding.reshard(x, P(*entries))
-  # One spec for every output (a pytree prefix): split like x's batch axes.
-  return jax.shard_map(lambda local: _one_at_a_time(fn, local), mesh=mesh,
-                       in_specs=P(*entries), out_specs=P(*entries[:len(batch)]))(x)
+    out = _one_at_a_time(fn, jax.sharding.reshard(x, P()))
+  else:
+    entries = [None] * x.ndim
+    entries[axis] = names if len(names) > 1 else names[0]
+    # One spec for every output (a pytree prefix): split like x's batch axes.
+    out = jax.shard_map(lambda local: _one_at_a_time(fn, local), mesh=mesh,
+                        in_specs=P(*entries), out_specs=P(*entries[:len(batch)]))(
+                            jax.sharding.reshard(x, P(*entries)))
+  return jax.tree.map(lambda o: jax.sharding.reshard(o, P(*spec[:len(batch)])), out)
 
 
 def _on_owner(fn, x: jax.Array, owner: jax.Array, mesh) -> Any:
