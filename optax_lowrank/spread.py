@@ -133,9 +133,9 @@ def map_matrices(fn: Callable[[jax.Array], Any], x: jax.Array, *,
 def _on_owner(fn, x: jax.Array, owner: jax.Array, mesh) -> Any:
   """``fn(x)`` computed on device ``owner`` (modulo the device count) only."""
   names = tuple(n for n in mesh.axis_names if mesh.shape[n] > 1)
-  if not names:
-    return fn(x)
   x = jax.sharding.reshard(x, P())
+  if not names:  # one device
+    return fn(x)
 
   def local(x, owner):
     index, devices = 0, 1

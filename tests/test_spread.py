@@ -155,7 +155,8 @@ def test_an_unstacked_matrix_is_factorized_by_its_owner_only():
 
 def test_a_stack_no_mesh_axis_divides_is_factorized_on_every_device():
   """3 layers on a (2, 4) mesh, or any stack on a one-device mesh (its axes of size
-  1): the fallback factorizes the replicated stack and still matches float64."""
+  1): the fallback factorizes the replicated stack and still matches float64; so
+  does one matrix given an owner, on either mesh."""
   mesh = _mesh()
   x = jax.random.normal(jax.random.key(2), (3, ROWS, COLS))
   sv = lambda a: jnp.linalg.svd(a, compute_uv=False)
@@ -165,4 +166,7 @@ def test_a_stack_no_mesh_axis_divides_is_factorized_on_every_device():
     with jax.set_mesh(m):
       sx = jax.device_put(x, NamedSharding(m, P(None, "fsdp", None)))
       s = jax.jit(lambda a: spread.map_matrices(sv, a))(sx)
+      # and one matrix with an owner
+      s0 = jax.jit(lambda a: spread.map_matrices(sv, a, owner=3))(sx[0])
     np.testing.assert_allclose(np.asarray(s), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(s0), ref[0], rtol=1e-5, atol=1e-5)
