@@ -67,12 +67,13 @@ def _canonical_signs(u: jax.Array, vh: jax.Array) -> tuple[jax.Array, jax.Array]
   return u * sign, vh * jnp.swapaxes(sign, -1, -2)
 
 
-def _svd(g: jax.Array, owner: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Reduced SVD of a stack of matrices ``(batch..., p, q)``, each device
-  factorizing only its share of the stack, or a single matrix on the device
-  ``owner`` (``spread.map_matrices``)."""
-  return spread.map_matrices(
-      lambda x: tuple(jnp.linalg.svd(x, full_matrices=False)), g, owner=owner)
+def _top_vectors(g: jax.Array, left: int, right: int) -> tuple[jax.Array, jax.Array]:
+  """``(U[:, :left], Vh[:right])`` of ``G`` for ``g = Gᵀ`` ``(batch..., n, m)``, signs
+  canonical (``_canonical_signs``). Only these leave the device that computed them."""
+  # g = Gᵀ = A S Bᴴ, so G = B S Aᵀ: U = Bᴴᵀ and Vh = Aᵀ.
+  a, _, bh = jnp.linalg.svd(g, full_matrices=False)
+  u, vh = _canonical_signs(jnp.swapaxes(bh, -1, -2), jnp.swapaxes(a, -1, -2))
+  return u[..., :, :left], vh[..., :right, :]
 
 
 def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> Projector:
@@ -119,22 +120,18 @@ def svd(proj_type: str = "std", *, basis_dtype: Optional[jnp.dtype] = None) -> P
     return TwoSidedBasis(info.zeros("mr", dtype), info.zeros("rn", dtype))
 
   def refresh(ctx, g, basis):
-    g = g.astype(jnp.float32)
-    # g = Gᵀ = A S Bᴴ, so G = B S Aᵀ: U = Bᴴᵀ and Vh = Aᵀ. An unstacked leaf
-    # is factorized on the device its group's index names (spread.py).
-    a, _, bh = _svd(g, ctx.group)
-    u, vh = _canonical_signs(jnp.swapaxes(bh, -1, -2), jnp.swapaxes(a, -1, -2))
+    # Each device factorizes its share of a stack; an unstacked leaf is
+    # factorized by the device its group's index names (spread.py).
+    left = 0 if isinstance(basis, RightBasis) else basis.u.shape[-1]
+    right = 0 if isinstance(basis, LeftBasis) else basis.vh.shape[-2]
+    u, vh = spread.map_matrices(
+        lambda x: _top_vectors(x, left, right), g.astype(jnp.float32),
+        owner=ctx.group)
     if isinstance(basis, RightBasis):
-      r = basis.vh.shape[-2]
-      return RightBasis(vh[..., :r, :].astype(basis.vh.dtype))
+      return RightBasis(vh.astype(basis.vh.dtype))
     if isinstance(basis, LeftBasis):
-      r = basis.u.shape[-1]
-      return LeftBasis(u[..., :, :r].astype(basis.u.dtype))
-    r = basis.u.shape[-1]
-    return TwoSidedBasis(
-        u[..., :, :r].astype(basis.u.dtype),
-        vh[..., :r, :].astype(basis.vh.dtype),
-    )
+      return LeftBasis(u.astype(basis.u.dtype))
+    return TwoSidedBasis(u.astype(basis.u.dtype), vh.astype(basis.vh.dtype))
 
   def down(basis, g):
     if isinstance(basis, RightBasis):
