@@ -8,7 +8,9 @@ down ``ff×d``; every kernel FSDP-sharded along its first matrix axis over a
 step, with two ways of factorizing on a refresh:
 
 * ``spread`` (the library): each device factorizes ``layers / D`` of each
-  stack (``optax_lowrank.spread.map_matrices``);
+  stack (``optax_lowrank.spread.map_matrices``); with ``--unstacked`` (one
+  2-D leaf per layer and kernel, as an unscanned model) each leaf is
+  factorized by one device, leaf ``i`` by device ``i mod D``;
 * ``replicated`` (the library before it): every matrix gathered on every
   device, which factorizes all of them; reproduced here by replacing
   ``spread.map_matrices`` with a function that does exactly that.
@@ -25,6 +27,7 @@ faster than ``replicated``.
 
 Usage:
   python benchmarks/spread_refresh.py                      # ~3 min on 2 CPU cores
+  python benchmarks/spread_refresh.py --unstacked          # the same layers unscanned
   python benchmarks/spread_refresh.py --d-model 2048 --d-ff 5461 --layers 8  # a GPU host
 """
 
@@ -40,7 +43,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "spread_refresh_cpu.json")
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "spread_refresh_cpu{}.json")
 
 
 def measure(args) -> dict:
@@ -57,11 +60,18 @@ def measure(args) -> dict:
   kernels = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d),
              "gate": (d, ff), "up": (d, ff), "down": (ff, d)}
   mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
-  sharding = NamedSharding(mesh, P(None, "fsdp", None))
   keys = jax.random.split(jax.random.key(0), len(kernels))
+  stacks = {name: jax.random.normal(k, (layers, *s)) * 1e-3
+            for k, (name, s) in zip(keys, kernels.items())}
+  if args.unstacked:  # one 2-D leaf per layer and kernel
+    sharding = NamedSharding(mesh, P("fsdp", None))
+    host = {f"{name}_{i}": x[i] for name, x in stacks.items() for i in range(layers)}
+    dims = None
+  else:
+    sharding = NamedSharding(mesh, P(None, "fsdp", None))
+    host, dims = stacks, ol.DimensionNumbers(1, 2)
   with jax.set_mesh(mesh):
-    grads = {name: jax.device_put(jax.random.normal(k, (layers, *s)) * 1e-3, sharding)
-             for k, (name, s) in zip(keys, kernels.items())}
+    grads = {name: jax.device_put(x, sharding) for name, x in host.items()}
 
   def replicated_map(fn, x, owner=None):
     """The library's refresh before spreading: every device factorizes all."""
@@ -76,7 +86,7 @@ def measure(args) -> dict:
   def optimizer(projector):
     return ol.lowrank_project(optax.scale_by_adam(), rank=d // 4, update_proj_gap=gap,
                               projector=projector,
-                              dimension_numbers=ol.DimensionNumbers(1, 2))
+                              dimension_numbers=dims)
 
   def compiled(tx, map_matrices):
     spread_map, spread.map_matrices = spread.map_matrices, map_matrices
@@ -126,7 +136,10 @@ def main() -> None:
   p.add_argument("--d-ff", type=int, default=688)
   p.add_argument("--layers", type=int, default=8)
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--out", default=RESULTS)
+  p.add_argument("--unstacked", action="store_true",
+                 help="one 2-D leaf per layer and kernel (each factorized by one device)")
+  p.add_argument("--out", default=None, help="default: benchmarks/results/"
+                 "spread_refresh_cpu.json (_unstacked.json with --unstacked)")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
@@ -139,7 +152,7 @@ def main() -> None:
         " --xla_cpu_enable_concurrency_optimized_scheduler=false"))
     argv = [sys.executable, __file__, "--child", "--d-model", str(args.d_model),
             "--d-ff", str(args.d_ff), "--layers", str(args.layers),
-            "--repeats", str(args.repeats)]
+            "--repeats", str(args.repeats), *(["--unstacked"] if args.unstacked else [])]
     out = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
                          check=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -152,10 +165,11 @@ def main() -> None:
   result = {"config": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{os.cpu_count()} cores", "rows": rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+  out = args.out or RESULTS.format("_unstacked" if args.unstacked else "")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
     json.dump(result, f, indent=2)
-  print(f"wrote {args.out}")
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":
