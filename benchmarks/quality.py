@@ -17,7 +17,9 @@ rate:
 The low-rank optimizers get the Quickstart's ``--rank 0.5`` (half of each
 projected matrix's smaller side) where their default rank is above 1 (APOLLO-
 Mini and VLoRP keep their rank-1 defaults) and ``--update-proj-gap 100`` where
-they take a gap; everything else is each optimizer's default. ``adamw_lr_scaled``
+they take a gap (FRUGAL its ``columns`` subspace and GUM ``--scan-layers``, which
+the trainer's one-matrix-per-layer model needs); everything else is each
+optimizer's default. ``adamw_lr_scaled``
 is AdamW with GaLore's per-group rates (``lr · scale`` on the matrices GaLore
 projects, ``lr`` elsewhere; scale 0.25), the baseline that isolates GaLore's
 projection from its smaller step on the matrices.
@@ -57,9 +59,10 @@ sys.path.insert(0, ROOT)
 LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 ADAMW_CENTRE, LOWRANK_CENTRE = 3e-3, 1e-2
 QUICKSTART_RANK, QUICKSTART_GAP = "0.5", "100"
-# FRUGAL's default `blocks` subspace needs stacked (scanned) layers; the trainer's default
-# layout is one matrix per layer, where FRUGAL takes the `columns` subspace.
-OPT_ARGS = {"frugal": "subspace=columns"}
+# The trainer's default layout is one matrix per layer: FRUGAL takes its `columns`
+# subspace there (its default `blocks` needs stacked layers), GUM needs the stacked
+# (scanned) layers for its layer draw.
+EXTRA_FLAGS = {"frugal": ["--opt-args", "subspace=columns"], "gum": ["--scan-layers"]}
 
 
 def centre(name: str) -> float:
@@ -86,9 +89,7 @@ def optimizer_flags(name: str) -> list[str]:
     flags += ["--rank", QUICKSTART_RANK]
   if "update_proj_gap" in params:
     flags += ["--update-proj-gap", QUICKSTART_GAP]
-  if name in OPT_ARGS:
-    flags += ["--opt-args", OPT_ARGS[name]]
-  return flags
+  return flags + EXTRA_FLAGS.get(name, [])
 
 
 def run_name(name: str, lr: float, seed: int) -> str:
@@ -180,7 +181,7 @@ def markdown(rows: list[dict]) -> str:
            "val loss (mean ± half range) |", "|---|---|--:|--:|--:|"]
   for r in sorted(rows, key=lambda r: r["mean"]):
     tried = ", ".join(f"{lr}: {v:.4f}" if math.isfinite(v) else f"{lr}: failed"
-                      for lr, v in r["sweep"].items())
+                      for lr, v in sorted(r["sweep"].items(), key=lambda kv: float(kv[0])))
     spread = f" ± {r['half_range']:.4f}" if len(r["seeds"]) > 1 else ""
     lines.append(f"| `{r['optimizer']}` | {tried} | {r['best_lr']:g} | "
                  f"{', '.join(map(str, r['seeds']))} | {r['mean']:.4f}{spread} |")
