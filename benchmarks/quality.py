@@ -18,8 +18,8 @@ The low-rank optimizers get the Quickstart's ``--rank 0.5`` (half of each
 projected matrix's smaller side) where their default rank is above 1 (APOLLO-
 Mini and VLoRP keep their rank-1 defaults) and ``--update-proj-gap 100`` where
 they take a gap (FRUGAL its ``columns`` subspace and GUM ``--scan-layers``, which
-the trainer's one-matrix-per-layer model needs); everything else is each
-optimizer's default. ``adamw_lr_scaled``
+the trainer's one-matrix-per-layer model needs, and VLoRP granularity 32, which
+divides the tiny model's sides); everything else is each optimizer's default. ``adamw_lr_scaled``
 is AdamW with GaLore's per-group rates (``lr · scale`` on the matrices GaLore
 projects, ``lr`` elsewhere; scale 0.25), the baseline that isolates GaLore's
 projection from its smaller step on the matrices.
@@ -61,8 +61,11 @@ ADAMW_CENTRE, LOWRANK_CENTRE = 3e-3, 1e-2
 QUICKSTART_RANK, QUICKSTART_GAP = "0.5", "100"
 # The trainer's default layout is one matrix per layer: FRUGAL takes its `columns`
 # subspace there (its default `blocks` needs stacked layers), GUM needs the stacked
-# (scanned) layers for its layer draw.
-EXTRA_FLAGS = {"frugal": ["--opt-args", "subspace=columns"], "gum": ["--scan-layers"]}
+# (scanned) layers for its layer draw. VLoRP's default granularity 256 does not divide the
+# tiny model's sides (64 to 352): granularity 32 at its rank 1 is the finest unit of the
+# budget c·r = 32 that benchmarks/granularity.py uses on this model.
+EXTRA_FLAGS = {"frugal": ["--opt-args", "subspace=columns"], "gum": ["--scan-layers"],
+               "vlorp": ["--opt-args", "granularity=32"]}
 
 
 def centre(name: str) -> float:
