@@ -331,6 +331,33 @@ def test_every_registered_optimizer_is_built_by_name_with_the_model_spec(name):
   assert "lm_head/kernel" not in bases, name
 
 
+def test_adamw_lr_scaled_scales_the_projected_leaves_update():
+  """`--optimizer adamw_lr_scaled` (GaLore's per-group rates): the update of every
+  projected leaf is `--scale` times plain `optax.adamw`'s, every other leaf's is equal;
+  it refuses the flags it does not take."""
+  args = pretrain.parse_args(["--optimizer", "adamw_lr_scaled", "--scale", "0.3",
+                              "--weight-decay", "0.1"], num_devices=8)
+  cfg = CFG.replace(d_model=64, d_ff=160)
+  abstract = pure_dict(nnx.state(steps.abstract_model(cfg)[1], nnx.Param))
+  mask, dims = lowrank_spec(abstract, cfg)
+  tx = optimizers.build("adamw_lr_scaled", args, optax.constant_schedule(1e-2), mask, dims,
+                        clip=False)
+  rng = np.random.default_rng(0)
+  params, grads = (jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32),
+                                abstract) for _ in range(2))
+  first_update = lambda t: jax.jit(lambda g, p: t.update(g, t.init(p), p)[0])(grads, params)
+  expected = first_update(optax.adamw(1e-2, eps=1e-6, weight_decay=0.1))
+  updates = first_update(tx)
+  assert any(jax.tree.leaves(mask)) and not all(jax.tree.leaves(mask))
+  jax.tree.map(lambda u, e, m: np.testing.assert_allclose(u, e * (0.3 if m else 1.0),
+                                                          rtol=1e-6, atol=1e-9),
+               updates, expected, mask)
+  args = pretrain.parse_args(["--optimizer", "adamw_lr_scaled", "--rank", "4"],
+                             num_devices=8)
+  with pytest.raises(ValueError, match="adamw_lr_scaled takes no --rank"):
+    optimizers.build("adamw_lr_scaled", args, optax.constant_schedule(1e-2), mask, dims)
+
+
 def test_a_registered_optimizer_trains_by_name():
   """One full jitted train step of a library alias picked by name (its own defaults)."""
   args = pretrain.parse_args(["--optimizer", "q_galore", "--opt-args", "rank=4"],

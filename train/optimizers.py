@@ -30,15 +30,39 @@ def register(name: str):
 LOWRANK_FLAGS = ("rank", "update_proj_gap", "scale", "proj_type")
 
 
-@register("adamw")
-def adamw(args, schedule, mask, dims):
-  del mask, dims
-  error = refused_flags("adamw", args)
+# The low-rank flags each AdamW baseline takes (it refuses the others).
+ADAMW_FLAGS = {"adamw": (), "adamw_lr_scaled": ("scale",)}
+# GaLore's `scale` (optax_lowrank.galore's default), the default of adamw_lr_scaled.
+GALORE_SCALE = 0.25
+
+
+def _adamw(name, args, schedule):
+  error = refused_flags(name, args)
   if error:
     raise ValueError(error)
   default = lambda value, fallback: fallback if value is None else value
   return optax.adamw(schedule, b1=default(args.b1, 0.9), b2=default(args.b2, 0.999),
                      eps=default(args.eps, 1e-6), weight_decay=args.weight_decay)
+
+
+@register("adamw")
+def adamw(args, schedule, mask, dims):
+  del mask, dims
+  return _adamw("adamw", args, schedule)
+
+
+@register("adamw_lr_scaled")
+def adamw_lr_scaled(args, schedule, mask, dims):
+  """AdamW with GaLore's per-group learning rates: `lr · scale` on the matrices GaLore
+  projects (`mask`), `lr` elsewhere, as galore-torch's param groups give them. The whole
+  AdamW update of a masked leaf (weight decay included) is multiplied by `--scale`
+  (default GaLore's 0.25), so the comparison with GaLore isolates the projection."""
+  del dims
+  scale = GALORE_SCALE if args.scale is None else args.scale
+  if not scale > 0:
+    raise ValueError(f"adamw_lr_scaled: --scale must be positive, got {scale}")
+  return optax.chain(_adamw("adamw_lr_scaled", args, schedule),
+                     optax.masked(optax.scale(scale), mask))
 
 
 @register("galore")
@@ -84,12 +108,13 @@ def _refused(factory: Callable, args) -> str | None:
 
 def refused_flags(name: str, args) -> str | None:
   """Why the flags do not fit optimizer `name` (checked before anything is built)."""
-  if name == "adamw":
-    given = [k for k in LOWRANK_FLAGS if getattr(args, k, None) is not None]
+  if name in ADAMW_FLAGS:
+    given = [k for k in LOWRANK_FLAGS
+             if k not in ADAMW_FLAGS[name] and getattr(args, k, None) is not None]
     given += ["opt_args"] if getattr(args, "opt_args", None) else []
     if given:
       flags = ", ".join("--" + k.replace("_", "-") for k in given)
-      return f"adamw takes no {flags} (they are for the low-rank optimizers)"
+      return f"{name} takes no {flags} (they are for the low-rank optimizers)"
     return None
   factory = _library_registry().get(name)
   if factory is None and name == "galore":  # the built-in wraps the library's galore
