@@ -11,8 +11,11 @@ matrix: on 8 devices a refresh would cost what it costs on one.
 its batch axis is split over the mesh (an all-to-all of the gradient, which
 each device then holds ``layers / devices`` whole matrices of: the same bytes
 as its FSDP shard), factorizes each device's matrices locally inside a
-``shard_map``, and returns the results sharded along the batch axis; callers
-reshard them to their own layout (the core does, to the basis's sharding).
+``shard_map``, and gathers the results (small: the callers keep only rank-``r``
+bases) back to the input's batch layout; the core then reshards each basis to
+its own sharding. A single matrix (an unstacked model's leaf) is factorized by
+one device chosen by the caller, so that a model's leaves are shared out among
+the devices.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ def spread_axes(batch_shape: tuple[int, ...], mesh_shape: dict[str, int]
 
   The first batch axis that the most devices divide, and the mesh axes
   (greedily, in the mesh's order) whose product divides it; ``(None, ())``
-  when no axis of more than one device divides any batch axis (the matrices
-  are then factorized where they are).
+  when no axis of more than one device divides any batch axis (every device
+  then factorizes every matrix).
 
   Args:
     batch_shape: The stack's batch axes (``(layers,)`` for scanned layers).
