@@ -227,10 +227,7 @@ def run(args) -> dict:
       + (f"; {train_rows.truncated} example(s) cut to fit" if train_rows.truncated else ""))
 
   setup = loop.Setup(args, cfg, mesh, say)
-  say(f"model: {setup.describe()}; mesh {dict(args.mesh_shape)} ({args.shard_mode}) on "
-      f"{jax.device_count()} {jax.devices()[0].platform} devices")
-  setup.check_disk(ckpt)
-  paths.resolve(args.out).mkdir(parents=True, exist_ok=True)
+  setup.prepare(ckpt, say)
   batch_sharding = steps.batch_sharding(mesh)
   eval_sharding = steps.batch_sharding(mesh, micro_batched=False)
   micro = args.batch_size // args.micro_batches

@@ -190,6 +190,16 @@ class Setup:
             f"d={cfg.d_model} layers={cfg.num_layers} vocab={cfg.vocab_size} "
             f"context={cfg.max_seq_len}")
 
+  def prepare(self, ckpt, say=print) -> None:
+    """Prints the model and mesh, checks that `ckpt`'s disk can hold a checkpoint, and
+    makes the `--out` directory: what both programs do before they start the state."""
+    args = self.args
+    model = f"model {args.model}" if hasattr(args, "model") else "model"
+    say(f"{model}: {self.describe()}; mesh {dict(args.mesh_shape)} ({args.shard_mode}) "
+        f"on {jax.device_count()} {jax.devices()[0].platform} devices")
+    self.check_disk(ckpt)
+    paths.resolve(args.out).mkdir(parents=True, exist_ok=True)
+
   def check_disk(self, ckpt) -> None:
     """Fails if `ckpt`'s local disk cannot hold one checkpoint of this run (a remote
     directory is not checked: an object store reports no free space)."""

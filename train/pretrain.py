@@ -414,7 +414,7 @@ def run(args) -> dict:
   import jax
   import numpy as np
   from models import sharding as shd
-  from train import data, loop, optimizers, paths, steps, telemetry, validate
+  from train import data, loop, optimizers, steps, telemetry, validate
   from train.plot import plot_runs
 
   refused = optimizers.refused_flags(args.optimizer, args)
@@ -454,11 +454,7 @@ def run(args) -> dict:
   # mesh → abstract state → logical specs → shardings
   mesh = build_mesh(args, say)
   setup = loop.Setup(args, cfg, mesh, say)
-  say(f"model {args.model}: {setup.describe()}; mesh {dict(args.mesh_shape)} "
-      f"({args.shard_mode}) on {jax.device_count()} {jax.devices()[0].platform} devices")
-  setup.check_disk(ckpt)
-
-  paths.resolve(args.out).mkdir(parents=True, exist_ok=True)
+  setup.prepare(ckpt, say)
   batch_sharding = steps.batch_sharding(mesh)
   eval_sharding = steps.batch_sharding(mesh, micro_batched=False)
 
